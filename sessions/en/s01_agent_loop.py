@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""s01 Agent loop: `while True` + `stop_reason`.
+
+One list of messages, one loop. Each turn: append what the person typed,
+stream the model's reply to the terminal, then look at `stop_reason` to decide
+what the reply means. If the call fails, the turn is taken back out so the
+list stays one the API accepts.
+
+Run:  python sessions/en/s01_agent_loop.py
+"""
+import os
+import sys
+from pathlib import Path
+
+import anthropic
+from dotenv import load_dotenv
+
+try:
+    import readline  # noqa: F401  (arrow keys and history for input(), where available)
+except ImportError:
+    pass
+
+# --- Configuration ---------------------------------------------------------
+# .env sits at the repository root; variables already set in the environment win.
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+load_dotenv(REPO_ROOT / ".env")
+
+SECTION = "s01 Agent loop"
+MODEL_ID = os.getenv("MODEL_ID") or "claude-sonnet-5-5"
+API_KEY = os.getenv("ANTHROPIC_API_KEY") or ""
+BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
+MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
+SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
+SYSTEM_PROMPT = "You are a helpful assistant talking to one person in a terminal. Be concise."
+
+USE_COLOR = sys.stdout.isatty() and not os.getenv("NO_COLOR")
+
+
+def dim(text: str) -> str:
+    return f"\033[2m{text}\033[0m" if USE_COLOR else text
+
+
+def make_client() -> anthropic.Anthropic:
+    """The API client, or a one-sentence exit when nothing says where to send requests."""
+    if not API_KEY and not BASE_URL:
+        print("No API key: set ANTHROPIC_API_KEY in .env (copy .env.example to .env), "
+              "or set ANTHROPIC_BASE_URL to a local Anthropic-compatible server.", file=sys.stderr)
+        sys.exit(2)
+    # A local server ignores the key, but the SDK wants one to build its headers.
+    return anthropic.Anthropic(api_key=API_KEY or "local", base_url=BASE_URL or None,
+                               max_retries=SDK_MAX_RETRIES)
+
+
+# --- Errors, by type -------------------------------------------------------
+def describe_api_error(exc: anthropic.APIError) -> str:
+    """One readable line for a failed call, chosen by exception class and
+    `error.type`, never by searching the message text."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return f"The request to {BASE_URL or 'the API'} timed out. Try again."
+    if isinstance(exc, anthropic.APIConnectionError):
+        return f"Cannot reach {BASE_URL or 'api.anthropic.com'}: is the network or local server up?"
+    if not isinstance(exc, anthropic.APIStatusError):
+        return f"API error: {exc}"
+    kind = exc.type or ""  # `error.type` from the body; also set for errors sent mid-stream
+    if isinstance(exc, anthropic.AuthenticationError) or kind == "authentication_error":
+        return "The API rejected the key (401). Check ANTHROPIC_API_KEY in .env."
+    if isinstance(exc, anthropic.PermissionDeniedError) or kind == "permission_error":
+        return "This key may not use that model or feature (403)."
+    if isinstance(exc, anthropic.NotFoundError) or kind == "not_found_error":
+        return f"Not found (404): is MODEL_ID={MODEL_ID} a model this endpoint serves?"
+    if isinstance(exc, anthropic.RateLimitError) or kind == "rate_limit_error":
+        return "Rate limited (429): wait a moment, then send again."
+    if isinstance(exc, anthropic.OverloadedError) or kind == "overloaded_error":
+        return "The API is overloaded (529): try again in a moment."
+    label = f"{exc.status_code} {kind}".strip()
+    return f"API error ({label}): {exc.api_message or exc.message}"
+
+
+# --- The agent loop --------------------------------------------------------
+def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
+    """Send the conversation; print text as it arrives; return the whole message."""
+    with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS,
+                                system=SYSTEM_PROMPT, messages=messages) as stream:
+        for text in stream.text_stream:
+            print(text, end="", flush=True)
+        return stream.get_final_message()
+
+
+def print_usage(message: anthropic.types.Message) -> None:
+    u = message.usage
+    cached = u.cache_read_input_tokens or 0
+    print(dim(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
+              f" · stop {message.stop_reason}]"))
+
+
+def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> str | None:
+    """One turn. Returns the reply text, or None when the turn was rolled back."""
+    messages.append({"role": "user", "content": user_text})
+    try:
+        message = stream_reply(client, messages)
+    except anthropic.APIError as exc:
+        messages.pop()  # roll back: the list ends where it did before this turn
+        print(f"\n{describe_api_error(exc)}")
+        return None
+    except KeyboardInterrupt:
+        messages.pop()
+        print("\n(interrupted; that turn was dropped)")
+        return None
+    print()
+    print_usage(message)
+    text = "".join(block.text for block in message.content if block.type == "text")
+    reason = message.stop_reason
+    if reason == "tool_use":
+        print("(the model asked for a tool; tools arrive in s02, so that turn was dropped)")
+    elif reason == "refusal":
+        print("(the model declined to answer; that turn was dropped)")
+    elif not text:
+        print(f"(empty reply, stop reason {reason}; that turn was dropped)")
+    else:
+        if reason == "max_tokens":
+            print(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
+        elif reason != "end_turn":
+            print(f"(stopped: {reason})")
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        return text
+    messages.pop()  # an unusable reply: keep history as it was before the turn
+    return None
+
+
+# --- The REPL --------------------------------------------------------------
+HELP = """Commands:
+  /help         show this list
+  quit, exit    leave (Ctrl-D and Ctrl-C work too)
+Anything else is sent to the model."""
+
+
+def main() -> int:
+    client = make_client()
+    print(f"{SECTION} · model {MODEL_ID} · base URL {BASE_URL or 'https://api.anthropic.com'}")
+    print("Type a message, /help for commands, quit to leave.")
+    messages: list = []
+    while True:
+        try:
+            user_text = input("You > ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not user_text:
+            continue
+        if user_text.lower() in ("quit", "exit"):
+            break
+        if user_text == "/help":
+            print(HELP)
+            continue
+        if user_text.startswith("/"):
+            print(f"Unknown command {user_text.split()[0]}; /help lists the commands.")
+            continue
+        agent_turn(client, messages, user_text)
+    print("Bye.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Helpers shared by the tests and by tests/make_transcript.py.
+
+- section_files / sections_from: the section files that exist, so tests of an
+  idea from section N run against N and every later section automatically.
+- isolated_env: an environment in which the developer's own .env and shell
+  cannot change a result (every variable .env.example names is set, to "" when
+  the test does not care; python-dotenv never overrides a variable that is set).
+- load_section: import a section file by path as a fresh module.
+- run_section: run a section as a learner would (subprocess, piped stdin) and
+  rebuild the transcript a terminal would show.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS_DIR = REPO / "sessions" / "en"
+WORKSPACE_SAMPLE = REPO / "workspace"
+
+# Every prompt at which a section reads a line from the person. The transcript
+# rebuilder puts the typed line after each one, as a terminal would echo it.
+PROMPTS = ("You > ",)
+
+_module_ids = count(1)
+
+
+def section_files() -> list[Path]:
+    return sorted(SECTIONS_DIR.glob("s[0-9][0-9]_*.py"))
+
+
+def section_id(path: Path) -> str:
+    return path.name[:3]
+
+
+def sections_from(first: str) -> list[Path]:
+    """Section files from `first` (e.g. "s02") to the last one that exists."""
+    return [p for p in section_files() if section_id(p) >= first]
+
+
+def env_example_names() -> list[str]:
+    names = []
+    for line in (REPO / ".env.example").read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\s*#?\s*([A-Z][A-Z0-9_]*)=", line)
+        if m and m.group(1) not in names:
+            names.append(m.group(1))
+    return names
+
+
+# Variables the SDK itself reads; a developer's shell must not leak them in.
+SDK_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_PROFILE", "ANTHROPIC_CONFIG_DIR", "ANTHROPIC_CUSTOM_HEADERS",
+            "ANTHROPIC_IDENTITY_TOKEN", "ANTHROPIC_IDENTITY_TOKEN_FILE", "ANTHROPIC_FEDERATION_RULE_ID",
+            "ANTHROPIC_ORGANIZATION_ID", "ANTHROPIC_LOG")
+
+
+def section_env_values(workspace: Path, base_url: str | None, **extra: str) -> dict[str, str]:
+    """The variables a test run sets: all of .env.example (blank), then ours."""
+    values = {name: "" for name in env_example_names()}
+    values.update({"WORKSPACE_DIR": str(workspace), "NO_COLOR": "1"})
+    if base_url is not None:
+        values.update({"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key"})
+    values.update(extra)
+    return values
+
+
+def isolated_env(workspace: Path, base_url: str | None, **extra: str) -> dict[str, str]:
+    """A full environment for a subprocess."""
+    env = {k: v for k, v in os.environ.items() if k not in SDK_VARS}
+    env.update(section_env_values(workspace, base_url, **extra))
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"})
+    return env
+
+
+def copy_workspace(dest: Path) -> Path:
+    shutil.copytree(WORKSPACE_SAMPLE, dest, ignore=shutil.ignore_patterns(".state", "memory"))
+    return dest
+
+
+def load_section(path: Path):
+    """Import a section file as a new module (its configuration is read now)."""
+    name = f"section_{path.stem}_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    transcript: str
+
+
+def rebuild_transcript(stdout: str, inputs: list[str]) -> str:
+    """Put each typed line after the prompt that read it, as a terminal shows it."""
+    out, pos, remaining = [], 0, list(inputs)
+    pattern = re.compile("|".join(re.escape(p) for p in PROMPTS))
+    while remaining:
+        m = pattern.search(stdout, pos)
+        if not m:
+            break
+        out.append(stdout[pos:m.end()])
+        out.append(remaining.pop(0) + "\n")
+        pos = m.end()
+    out.append(stdout[pos:])
+    return "".join(out)
+
+
+def run_section(path: Path, inputs: list[str], env: dict[str, str], timeout: float = 60,
+                cwd: Path | None = None) -> Run:
+    """Run a section file with piped input from another directory, as a learner could."""
+    proc = subprocess.run([sys.executable, str(path)], input="".join(line + "\n" for line in inputs),
+                          capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=str(cwd or Path(env["WORKSPACE_DIR"]).parent), encoding="utf-8")
+    return Run(proc.returncode, proc.stdout, proc.stderr, rebuild_transcript(proc.stdout, inputs))
+
+
+def drive_repl(module, inputs: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run a section's main() in-process, typing `inputs` at its prompts.
+
+    Returns (exit code, transcript). After the last input, input() raises
+    EOFError, exactly like Ctrl-D. An input of KeyboardInterrupt raises it.
+    """
+    remaining = list(inputs)
+
+    def fake_input(prompt: str = "") -> str:
+        print(prompt, end="")
+        if not remaining:
+            raise EOFError
+        line = remaining.pop(0)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        print(line)
+        return line
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    try:
+        code = module.main()
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().out
+
+
+def assert_valid_history(messages: list) -> None:
+    """The rules the real Messages API enforces on the list we send next."""
+    assert messages, "history is empty"
+    assert messages[0]["role"] == "user", "history must start with a user message"
+    for i, msg in enumerate(messages):
+        assert msg["role"] in ("user", "assistant"), msg
+        if i:
+            assert msg["role"] != messages[i - 1]["role"], f"two {msg['role']} messages in a row at {i}"
+        content = msg["content"]
+        assert content, f"empty content at {i}"
+        if isinstance(content, list):
+            for block in content:
+                if block.get("type") == "text":
+                    assert block["text"], f"empty text block at {i}"
+        tool_ids = [b["id"] for b in content if isinstance(content, list) and b.get("type") == "tool_use"]
+        if tool_ids:
+            assert i + 1 < len(messages), f"tool_use at {i} has no answer"
+            answer = messages[i + 1]["content"]
+            result_ids = [b.get("tool_use_id") for b in answer if isinstance(answer, list)
+                          and b.get("type") == "tool_result"]
+            assert sorted(result_ids) == sorted(tool_ids), f"tool_use ids {tool_ids} answered by {result_ids}"

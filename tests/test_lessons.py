@@ -1,0 +1,131 @@
+"""Lesson checks: every claim a lesson makes about its code is checked against the code.
+
+Run for every section that exists, so a new section is checked automatically:
+- each ```python snippet occurs verbatim in the section file (a line holding only
+  `...` marks an elision: the parts around it must appear in order);
+- "What changed from sNN" lists exactly the top-level functions, classes,
+  methods and UPPER_CASE constants added, changed and removed (from the ASTs);
+- the "Try it" block is what the section prints for its script in tests/transcripts.py;
+- the lesson has its motto, diagram and "How OpenClaw does it" table;
+- the README's learning-path table names every section with its real line count.
+"""
+import ast
+import re
+
+import pytest
+
+from harness import REPO, section_files, section_id
+from make_transcript import make_transcript
+from transcripts import TRANSCRIPTS
+
+SECTIONS = section_files()
+ids = [section_id(p) for p in SECTIONS]
+
+
+def lesson_of(path):
+    return path.with_suffix(".md")
+
+
+def fenced_blocks(markdown: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", markdown, flags=re.S | re.M)
+
+
+def heading_section(markdown: str, heading_start: str) -> str:
+    """The text under the first `## ` heading that starts with heading_start."""
+    m = re.search(rf"^## {re.escape(heading_start)}.*?$(.*?)(?=^## |\Z)", markdown, flags=re.S | re.M)
+    assert m, f"no '## {heading_start}' heading"
+    return m.group(1)
+
+
+def definitions(source: str) -> dict[str, str]:
+    """Top-level functions, classes, methods and UPPER_CASE constants -> a dump of their AST."""
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found[node.name] = ast.dump(node)
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        found[f"{node.name}.{item.name}"] = ast.dump(item)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id.isupper():
+                    found[target.id] = ast.dump(node.value)
+    return found
+
+
+def computed_changes(before: str, after: str) -> set[tuple[str, str]]:
+    old, new = definitions(before), definitions(after)
+    changes = {("added", n) for n in new.keys() - old.keys()}
+    changes |= {("removed", n) for n in old.keys() - new.keys()}
+    changes |= {("changed", n) for n in new.keys() & old.keys() if new[n] != old[n]}
+    return changes
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_lesson_exists_with_its_parts(path):
+    lesson = lesson_of(path).read_text(encoding="utf-8")
+    title = lesson.splitlines()[0]
+    assert title.startswith(f"# {section_id(path)}"), title
+    assert re.search(r"^> \S", lesson, flags=re.M), "a one-line motto as a quote under the title"
+    assert fenced_blocks(lesson, ""), "an ASCII diagram in a plain ``` block"
+    for heading in ("Key concepts", "Code walkthrough", "What changed from", "Try it", "How OpenClaw does it"):
+        heading_section(lesson, heading)
+    table = heading_section(lesson, "How OpenClaw does it")
+    assert table.count("\n|") >= 4, "a table with a header and at least three rows"
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_snippets_are_verbatim(path):
+    code = path.read_text(encoding="utf-8")
+    snippets = fenced_blocks(lesson_of(path).read_text(encoding="utf-8"), "python")
+    assert snippets, "the walkthrough shows code"
+    for snippet in snippets:
+        parts = re.split(r"^[ \t]*\.\.\.[ \t]*\n", snippet, flags=re.M)
+        pos = 0
+        for part in parts:
+            index = code.find(part.rstrip("\n"), pos)
+            assert index >= 0, f"not verbatim in {path.name}:\n{part}"
+            pos = index + len(part.rstrip("\n"))
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_change_list_matches_the_code(path):
+    lesson = lesson_of(path).read_text(encoding="utf-8")
+    index = SECTIONS.index(path)
+    before = SECTIONS[index - 1].read_text(encoding="utf-8") if index else ""
+    expected = computed_changes(before, path.read_text(encoding="utf-8"))
+    previous = section_id(SECTIONS[index - 1]) if index else "nothing"
+    block = heading_section(lesson, f"What changed from {previous}")
+    listed = set()
+    for line in block.splitlines():
+        if line.startswith("- "):
+            m = re.match(r"^- (added|changed|removed) `([\w.]+)`", line)
+            assert m, f"change list line not in the form '- added|changed|removed `name`': {line}"
+            listed.add((m.group(1), m.group(2)))
+    missing, extra = expected - listed, listed - expected
+    assert not missing and not extra, f"missing from the lesson: {sorted(missing)}; not in the code: {sorted(extra)}"
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_try_it_is_a_real_transcript(path):
+    assert section_id(path) in TRANSCRIPTS, "every section has a Try it script in tests/transcripts.py"
+    blocks = fenced_blocks(heading_section(lesson_of(path).read_text(encoding="utf-8"), "Try it"), "text")
+    assert blocks, "Try it shows a ```text transcript"
+    assert blocks[0] == make_transcript(section_id(path)), (
+        f"the Try it block of {path.stem}.md is not what the section prints; "
+        f"regenerate it with: python tests/make_transcript.py {section_id(path)}")
+
+
+def test_readme_table_matches_the_sections():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\|\s*(s\d\d)\s*\|.*?\((sessions/en/s\d\d_\w+\.py)\).*?\|\s*(\d+)\s*\|\s*$", readme, flags=re.M)
+    assert rows, "README has a learning-path table"
+    table = {sid: (file, int(lines)) for sid, file, lines in rows}
+    assert sorted(table) == sorted(section_id(p) for p in SECTIONS), "one row per section file, no more"
+    for path in SECTIONS:
+        file, lines = table[section_id(path)]
+        assert file == str(path.relative_to(REPO)), file
+        real = len(path.read_text(encoding="utf-8").splitlines())
+        assert abs(lines - real) <= real * 0.10, f"{path.name}: README says {lines} lines, the file has {real}"
