@@ -27,7 +27,7 @@ WORKSPACE_SAMPLE = REPO / "workspace"
 
 # Every prompt at which a section reads a line from the person. The transcript
 # rebuilder puts the typed line after each one, as a terminal would echo it.
-PROMPTS = ("You > ",)
+PROMPTS = ("You > ", "  Allow? [o]nce / [a]lways / [d]eny > ")
 
 _module_ids = count(1)
 

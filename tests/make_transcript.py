@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_anthropic import FakeAnthropic  # noqa: E402
 from harness import REPO, copy_workspace, isolated_env, run_section, section_files  # noqa: E402
-from transcripts import SHOWN_BASE_URL, TRANSCRIPTS  # noqa: E402
+from transcripts import SHOWN_BASE_URL, SHOWN_WORKSPACE, TRANSCRIPTS  # noqa: E402
 
 
 def make_transcript(section: str) -> str:
@@ -26,7 +26,7 @@ def make_transcript(section: str) -> str:
             run = run_section(path, script["inputs"], env, cwd=REPO)
     finally:
         api.stop()
-    text = run.transcript.replace(api.base_url, SHOWN_BASE_URL)
+    text = run.transcript.replace(api.base_url, SHOWN_BASE_URL).replace(str(workspace), SHOWN_WORKSPACE)
     command = f"$ python {path.relative_to(REPO)}"
     return command + "\n" + text.rstrip("\n") + "\n"
 

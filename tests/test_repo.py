@@ -119,3 +119,19 @@ def test_tracked_files_include_no_state_or_secrets():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert ".env" not in tracked
     assert not [f for f in tracked if f.startswith(("workspace/.state/", "workspace/memory/"))]
+
+
+def test_tools_md_describes_only_tools_that_exist():
+    """workspace/TOOLS.md tells the model about its tools: each one it names must be real."""
+    sections = [p for p in section_files() if p.name >= "s02"]
+    if not sections:
+        pytest.skip("no section with tools yet")
+    text = (WORKSPACE_SAMPLE / "TOOLS.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"^- `(\w+)`", text, flags=re.M))
+    source = sections[-1].read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    tool_names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TOOL_HANDLERS" for t in node.targets):
+            tool_names = {k.value for k in node.value.keys}
+    assert named and named <= tool_names, f"TOOLS.md names {sorted(named - tool_names)}, which do not exist"

@@ -7,10 +7,18 @@ transcript in a lesson is one that really happens.
 
 Print one, to paste into a lesson:  python tests/make_transcript.py s01
 """
-from fake_anthropic import reply
+from fake_anthropic import reply, tool_use
 
-# The lesson shows the default base URL; the replay runs against the local fake.
+# The lesson shows the default base URL and a workspace path a learner might
+# have; the replay runs against the local fake in a temporary workspace.
 SHOWN_BASE_URL = "https://api.anthropic.com"
+SHOWN_WORKSPACE = "/home/ada/agent-gateway/workspace"
+
+
+def said(text="", tools=None, tokens=(0, 0)):
+    """A scripted reply with fixed token counts, so the transcript is the same on every machine."""
+    return reply(text, tools=tools, usage={"input_tokens": tokens[0], "output_tokens": tokens[1]})
+
 
 TRANSCRIPTS = {
     "s01": {
@@ -18,6 +26,23 @@ TRANSCRIPTS = {
         "steps": [
             reply("Hello Ada! Nice to meet you. How can I help you today?"),
             reply("Your name is Ada: you told me in your first message."),
+        ],
+        "env": {},
+    },
+    "s02": {
+        "inputs": ["What is in my workspace?", "Make a drafts folder with a one-line plan in it.", "o",
+                   "Now show me ../.env", "quit"],
+        "steps": [
+            said("Let me look.", [tool_use("list_dir", {})], (1480, 38)),
+            said("Your workspace holds the eight prompt files (SOUL.md, IDENTITY.md, ...), "
+                 "CRON.json and a skills/ folder.", None, (1702, 31)),
+            said(tools=[tool_use("bash", {"command": "mkdir -p drafts"})], tokens=(1751, 52)),
+            said(tools=[tool_use("write_file", {"path": "drafts/plan.md",
+                                                "content": "1. Read the lessons, one section a day.\n"})],
+                 tokens=(1821, 70)),
+            said("Done: drafts/plan.md holds the plan.", None, (1913, 12)),
+            said(tools=[tool_use("read_file", {"path": "../.env"})], tokens=(1941, 44)),
+            said("I can't: ../.env is outside my workspace, and the tools refuse it.", None, (2032, 19)),
         ],
         "env": {},
     },

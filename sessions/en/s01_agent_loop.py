@@ -95,20 +95,22 @@ def print_usage(message: anthropic.types.Message) -> None:
 
 def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> str | None:
     """One turn. Returns the reply text, or None when the turn was rolled back."""
+    consistent = list(messages)  # the last point at which the history is whole
     messages.append({"role": "user", "content": user_text})
     try:
         message = stream_reply(client, messages)
     except anthropic.APIError as exc:
-        messages.pop()  # roll back: the list ends where it did before this turn
+        messages[:] = consistent  # roll back to the last consistent point
         print(f"\n{describe_api_error(exc)}")
         return None
     except KeyboardInterrupt:
-        messages.pop()
+        messages[:] = consistent
         print("\n(interrupted; that turn was dropped)")
         return None
-    print()
-    print_usage(message)
     text = "".join(block.text for block in message.content if block.type == "text")
+    if text:
+        print()  # end the streamed line
+    print_usage(message)
     reason = message.stop_reason
     if reason == "tool_use":
         print("(the model asked for a tool; tools arrive in s02, so that turn was dropped)")
@@ -123,7 +125,7 @@ def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> s
             print(f"(stopped: {reason})")
         messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
         return text
-    messages.pop()  # an unusable reply: keep history as it was before the turn
+    messages[:] = consistent  # an unusable reply: back to the last consistent point
     return None
 
 
