@@ -172,3 +172,15 @@ def assert_valid_history(messages: list) -> None:
             result_ids = [b.get("tool_use_id") for b in answer if isinstance(answer, list)
                           and b.get("type") == "tool_result"]
             assert sorted(result_ids) == sorted(tool_ids), f"tool_use ids {tool_ids} answered by {result_ids}"
+
+
+def new_conversation(module):
+    """What this section's agent_turn takes as its conversation: a plain list up
+    to s02; from s03 on, a Session that saves itself."""
+    if hasattr(module, "SessionStore"):
+        return module.SessionStore(module.SESSIONS_DIR).create()
+    return []
+
+
+def history_of(conversation) -> list:
+    return conversation if isinstance(conversation, list) else conversation.messages

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fake_anthropic import error, reply, tool_use
-from harness import assert_valid_history, drive_repl, isolated_env, run_section, section_id, sections_from
+from harness import (assert_valid_history, drive_repl, history_of, new_conversation, run_section, section_id,
+                     sections_from)
 
 SECTIONS = sections_from("s02")
 ids = [section_id(p) for p in SECTIONS]
@@ -303,13 +304,14 @@ def test_ctrl_c_during_a_tool_answers_every_call(path, load, fake_api, monkeypat
     fake_api.script(reply(tools=[tool_use("bash", {"command": "ls"}), tool_use("list_dir", {})]), reply("ok"))
     real = mod.TOOL_HANDLERS["bash"]
     monkeypatch.setitem(mod.TOOL_HANDLERS, "bash", lambda **kw: (_ for _ in ()).throw(KeyboardInterrupt))
-    messages = []
-    assert mod.agent_turn(mod.make_client(), messages, "go") is None
+    conversation = new_conversation(mod)
+    assert mod.agent_turn(mod.make_client(), conversation, "go") is None
+    messages = history_of(conversation)
     assert_valid_history(messages)
     results = messages[-1]["content"]
     assert [r["content"] for r in results] == ["interrupted by the person", "not run: the person interrupted the turn"]
     monkeypatch.setitem(mod.TOOL_HANDLERS, "bash", real)
-    assert mod.agent_turn(mod.make_client(), messages, "carry on") == "ok"
+    assert mod.agent_turn(mod.make_client(), conversation, "carry on") == "ok"
     assert_valid_history(fake_api.requests[-1]["messages"])
 
 
@@ -317,11 +319,11 @@ def test_the_tool_round_cap_stops_a_runaway_loop(path, load, fake_api, monkeypat
     mod = load(path)
     mod.MAX_TOOL_ROUNDS = 3
     fake_api.default = lambda body: reply(tools=[tool_use("list_dir", {})])
-    messages = []
-    assert mod.agent_turn(mod.make_client(), messages, "loop forever") is None
+    conversation = new_conversation(mod)
+    assert mod.agent_turn(mod.make_client(), conversation, "loop forever") is None
     assert len(fake_api.requests) == 3
     assert "stopped after 3 model calls" in capsys.readouterr().out
-    assert_valid_history(messages)
+    assert_valid_history(history_of(conversation))
 
 
 def test_end_to_end_tool_call_with_approval(path, fake_api, subprocess_env, workspace):
@@ -348,3 +350,16 @@ def test_bash_timeout_returns_even_if_a_child_escaped_the_group(path, load, monk
     finally:
         for pid in processes_running(f"sleep {marker}"):
             os.kill(pid, 9)
+
+
+def test_words_join_an_open_user_message_of_either_shape(path, load):
+    mod = load(path)
+    results = [{"type": "tool_result", "tool_use_id": "t1", "content": "ok", "is_error": False}]
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
+               {"role": "user", "content": results}]
+    mod.add_user_text(history, "next")
+    assert history[-1]["content"] == results + [{"type": "text", "text": "next"}]
+    plain = [{"role": "user", "content": "left open"}]
+    mod.add_user_text(plain, "next")
+    assert plain == [{"role": "user", "content": [{"type": "text", "text": "left open"},
+                                                  {"type": "text", "text": "next"}]}]

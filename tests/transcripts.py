@@ -1,7 +1,8 @@
 """The "Try it" runs shown in each lesson, as scripts the tests can replay.
 
-Each entry: what the learner types, what the (fake) model answers, and any
-environment the run needs. tests/test_lessons.py runs the section with this
+Each entry: what the learner types ("inputs", or "runs": one list of inputs
+per start of the section, all in one workspace), what the (fake) model
+answers, any environment the run needs, and files to show at the end. tests/test_lessons.py runs the section with this
 script and requires the lesson's "Try it" block to equal the output, so the
 transcript in a lesson is one that really happens.
 
@@ -15,9 +16,12 @@ SHOWN_BASE_URL = "https://api.anthropic.com"
 SHOWN_WORKSPACE = "/home/ada/agent-gateway/workspace"
 
 
-def said(text="", tools=None, tokens=(0, 0)):
-    """A scripted reply with fixed token counts, so the transcript is the same on every machine."""
-    return reply(text, tools=tools, usage={"input_tokens": tokens[0], "output_tokens": tokens[1]})
+def said(text="", tools=None, tokens=None):
+    """A scripted reply. tokens=(in, out) fixes the usage it reports; without it
+    the fake counts a quarter of the messages' JSON, the same way its
+    count_tokens endpoint does (neither depends on the machine)."""
+    usage = {"input_tokens": tokens[0], "output_tokens": tokens[1]} if tokens else None
+    return reply(text, tools=tools, usage=usage)
 
 
 TRANSCRIPTS = {
@@ -33,17 +37,29 @@ TRANSCRIPTS = {
         "inputs": ["What is in my workspace?", "Make a drafts folder with a one-line plan in it.", "o",
                    "Now show me ../.env", "quit"],
         "steps": [
-            said("Let me look.", [tool_use("list_dir", {})], (1480, 38)),
+            said("Let me look.", [tool_use("list_dir", {}, "toolu_01")], (1480, 38)),
             said("Your workspace holds the eight prompt files (SOUL.md, IDENTITY.md, ...), "
                  "CRON.json and a skills/ folder.", None, (1702, 31)),
-            said(tools=[tool_use("bash", {"command": "mkdir -p drafts"})], tokens=(1751, 52)),
+            said(tools=[tool_use("bash", {"command": "mkdir -p drafts"}, "toolu_02")], tokens=(1751, 52)),
             said(tools=[tool_use("write_file", {"path": "drafts/plan.md",
-                                                "content": "1. Read the lessons, one section a day.\n"})],
+                                                "content": "1. Read the lessons, one section a day.\n"}, "toolu_03")],
                  tokens=(1821, 70)),
             said("Done: drafts/plan.md holds the plan.", None, (1913, 12)),
-            said(tools=[tool_use("read_file", {"path": "../.env"})], tokens=(1941, 44)),
+            said(tools=[tool_use("read_file", {"path": "../.env"}, "toolu_04")], tokens=(1941, 44)),
             said("I can't: ../.env is outside my workspace, and the tools refuse it.", None, (2032, 19)),
         ],
         "env": {},
+    },
+    "s03": {
+        "runs": [["Remember: my project is called Lighthouse.", "Which files are in skills/?", "quit"],
+                 ["What is my project called?", "/context", "quit"]],
+        "steps": [
+            said("Noted: your project is called Lighthouse."),
+            said(tools=[tool_use("list_dir", {"path": "skills"}, "toolu_01")]),
+            said("skills/ holds one folder, example-skill/."),
+            said("Your project is called Lighthouse."),
+        ],
+        "env": {},
+        "show": ".state/sessions/main/*.jsonl",
     },
 }

@@ -477,8 +477,10 @@ def add_user_text(messages: list, user_text: str) -> None:
     """Append the person's words. After an interrupted tool exchange the history
     already ends with a user message (the tool results): join it, so roles alternate."""
     if messages and messages[-1]["role"] == "user":
-        joined = messages[-1]["content"] + [{"type": "text", "text": user_text}]
-        messages[-1] = {"role": "user", "content": joined}
+        previous = messages[-1]["content"]
+        if isinstance(previous, str):
+            previous = [{"type": "text", "text": previous}]
+        messages[-1] = {"role": "user", "content": previous + [{"type": "text", "text": user_text}]}
     else:
         messages.append({"role": "user", "content": user_text})
 

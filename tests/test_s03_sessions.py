@@ -1,0 +1,292 @@
+"""s03: sessions on disk and the context guard. Run against s03 and every later section."""
+import json
+import random
+
+import pytest
+
+from fake_anthropic import error, reply, tool_use
+from harness import assert_valid_history, drive_repl, run_section, section_id, sections_from
+
+SECTIONS = sections_from("s03")
+ids = [section_id(p) for p in SECTIONS]
+pytestmark = pytest.mark.parametrize("path", SECTIONS, ids=ids)
+
+
+def sessions_dir(workspace):
+    return workspace / ".state" / "sessions" / "main"
+
+
+def random_history(mod, rng: random.Random, session) -> None:
+    """Grow a valid history the way agent_turn does, saving at each consistent point."""
+    messages = session.messages
+    for turn in range(rng.randint(1, 6)):
+        mod.add_user_text(messages, rng.choice(["hi", "list files", "日本語もどうぞ", "a\nb \"quoted\"", "ok"]))
+        for _ in range(rng.randint(0, 3)):
+            calls = [{"type": "tool_use", "id": f"toolu_{turn}_{rng.randrange(10**9)}", "name": "read_file",
+                      "input": {"path": rng.choice(["a.md", "b/c.txt"])}} for _ in range(rng.randint(1, 3))]
+            text = [{"type": "text", "text": "Let me check."}] if rng.random() < 0.5 else []
+            messages.append({"role": "assistant", "content": text + calls})
+            messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": c["id"], "content": rng.choice(["ok", "file not found"]),
+                 "is_error": rng.random() < 0.3} for c in calls]})
+            session.save()
+        if rng.random() < 0.8:  # otherwise the turn was interrupted after its tools: no final reply
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": f"Answer {turn}"}]})
+            session.save()
+
+
+def test_random_histories_round_trip_exactly(path, load):
+    mod = load(path)
+    for seed in range(40):
+        rng = random.Random(seed)
+        store = mod.SessionStore(mod.SESSIONS_DIR)
+        session = store.create()
+        random_history(mod, rng, session)
+        assert_valid_history(session.messages)
+        reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+        assert reopened.messages == session.messages, f"seed {seed}"
+
+
+def test_session_file_is_append_only_jsonl(path, load, workspace):
+    mod = load(path)
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    session = store.create()
+    random_history(mod, random.Random(7), session)
+    lines = store.path(session.id).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {r["type"] for r in records} == {"message"}  # no rewrite: every save was an append
+    index = json.loads((sessions_dir(workspace) / "sessions.json").read_text())
+    assert index["current"] == session.id
+    assert index["sessions"][session.id]["messages"] == len(session.messages)
+
+
+def test_restart_then_continue_a_session_that_used_tools(path, load, fake_api, monkeypatch, capsys, workspace):
+    fake_api.script(reply("Looking.", tools=[tool_use("write_file", {"path": "n.txt", "content": "1"})]),
+                    reply("Saved n.txt."))
+    code, out = drive_repl(load(path), ["save a note"], monkeypatch, capsys)
+    assert "Saved n.txt." in out
+    fake_api.script(reply("You asked me to save a note."))
+    code, out = drive_repl(load(path), ["what did I ask before?"], monkeypatch, capsys)  # a new process, same disk
+    assert "resumed, 4 messages" in out
+    sent = fake_api.requests[-1]["messages"]
+    assert_valid_history(sent)
+    assert sent[0] == {"role": "user", "content": "save a note"}
+    assert sent[-1] == {"role": "user", "content": "what did I ask before?"}
+    assert len(sent) == 5
+
+
+def test_corrupt_and_torn_lines_are_skipped_with_a_warning(path, load, capsys):
+    mod = load(path)
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    session = store.create()
+    session.messages.extend([{"role": "user", "content": "one"},
+                             {"role": "assistant", "content": [{"type": "text", "text": "two"}]}])
+    session.save()
+    file = store.path(session.id)
+    with open(file, "a") as f:
+        f.write("this is not json\n")
+        f.write('{"type": "message", "message": {"role": "user"}}\n')  # valid JSON, wrong shape
+        f.write('{"type": "message", "message": {"role": "user", "content": "thr')  # torn by a crash
+    reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    out = capsys.readouterr().out
+    assert reopened.messages == session.messages[:2]
+    assert f"{file.name}:3: skipped a corrupt" in out and f"{file.name}:5: skipped a corrupt" in out
+    assert f"{file.name}:4: skipped a record of unknown shape" in out
+    # the next append starts on a fresh line: the torn fragment cannot swallow it
+    reopened.messages.append({"role": "user", "content": "four"})
+    reopened.save()
+    again = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    assert again.messages[-1] == {"role": "user", "content": "four"}
+
+
+def test_unanswered_tool_use_at_the_end_is_repaired(path, load, capsys):
+    mod = load(path)
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    session = store.create()
+    call = {"type": "tool_use", "id": "toolu_lost", "name": "bash", "input": {"command": "ls"}}
+    with open(store.path(session.id), "a") as f:
+        for message in [{"role": "user", "content": "go"}, {"role": "assistant", "content": [call]}]:
+            f.write(json.dumps({"type": "message", "message": message}) + "\n")
+    reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    assert_valid_history(reopened.messages)
+    result = reopened.messages[-1]["content"][0]
+    assert result["tool_use_id"] == "toolu_lost" and result["is_error"] is True
+    assert "answered 1 tool call(s) that had no result" in capsys.readouterr().out
+
+
+def test_a_lost_call_line_drops_its_orphan_result(path, load):
+    mod = load(path)
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    session = store.create()
+    lines = [{"role": "user", "content": "go"},
+             {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_gone", "content": "x"},
+                                          {"type": "text", "text": "and then?"}]}]
+    with open(store.path(session.id), "a") as f:
+        for message in lines:
+            f.write(json.dumps({"type": "message", "message": message}) + "\n")
+    reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    assert reopened.messages[-1] == {"role": "user", "content": [{"type": "text", "text": "and then?"}]}
+    assert_valid_history(reopened.messages)
+
+
+def test_corrupt_index_is_moved_aside_and_rebuilt(path, load, capsys, workspace):
+    mod = load(path)
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    session = store.create("keep me")
+    session.messages.append({"role": "user", "content": "hello"})
+    session.save()
+    (sessions_dir(workspace) / "sessions.json").write_text("{broken")
+    rebuilt = mod.SessionStore(mod.SESSIONS_DIR)
+    assert session.id in rebuilt.index["sessions"]
+    assert list(sessions_dir(workspace).glob("sessions.corrupt-*.json"))
+    assert "is not valid" in capsys.readouterr().out
+    assert rebuilt.open(session.id).messages == [{"role": "user", "content": "hello"}]
+
+
+def test_new_list_and_switch_by_label(path, load, fake_api, monkeypatch, capsys):
+    fake_api.script(reply("Noted, work."), reply("Noted, holiday."), reply("We talked about work."))
+    code, out = drive_repl(load(path), ["/new work", "about work", "/new holiday", "about the holiday", "/list",
+                                        "/switch wo", "what did we talk about?", "/switch 20",
+                                        "/switch nothing-like-this", "/switch"], monkeypatch, capsys)
+    assert "(work): new, 0 messages" in out and "(holiday): new, 0 messages" in out
+    assert "(work): switched, 2 messages" in out
+    assert fake_api.requests[-1]["messages"][0] == {"role": "user", "content": "about work"}
+    assert "matches 3 sessions" in out  # the first, unnamed session and the two named ones
+    assert "No session matches 'nothing-like-this'" in out and "Usage: /switch" in out
+    listed = [line for line in out.splitlines() if "messages, updated" in line]
+    assert len(listed) == 3
+    assert [line for line in listed if line.startswith("  * ")] == [l for l in listed if "(holiday)" in l]
+
+
+def test_context_command_counts_with_the_api_or_estimates(path, load, fake_api, monkeypatch, capsys):
+    fake_api.script(reply("Hello."))
+    code, out = drive_repl(load(path), ["hi", "/context"], monkeypatch, capsys)
+    assert "tokens (counted by the API) of a 1,000,000-token window; compaction at 750,000 (75%); 2 messages" in out
+    fake_api.count_tokens_status = 404  # a local server without the endpoint
+    fake_api.script(reply("Hello again."))
+    code, out = drive_repl(load(path), ["hi", "/context", "/context"], monkeypatch, capsys)
+    assert out.count("(estimated from characters)") == 2
+    assert len(fake_api.count_requests) == 3  # the 404 was asked once, then never again
+
+
+def big_history(mod, session, exchanges=12):
+    """A history with many tool exchanges, each result large."""
+    for i in range(exchanges):
+        mod.add_user_text(session.messages, f"question {i}")
+        call = {"type": "tool_use", "id": f"toolu_{i}", "name": "read_file", "input": {"path": f"f{i}.md"}}
+        session.messages.append({"role": "assistant", "content": [call]})
+        session.messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}",
+                                                              "content": "x" * 3000, "is_error": False}]})
+        session.messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]})
+    session.save()
+
+
+def test_compaction_keeps_tool_pairs_together_and_survives_restart(path, load, fake_api, capsys):
+    mod = load(path, CONTEXT_WINDOW="20000", COMPACT_THRESHOLD="0.5")
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    session = store.create()
+    big_history(mod, session)
+    before = list(session.messages)
+    fake_api.script(reply("The person asked twelve questions about files f0..f11."))
+    assert mod.ContextGuard(mod.make_client()).compact(session, "test")
+    messages = session.messages
+    assert_valid_history(messages)
+    assert messages[0]["content"].startswith(mod.SUMMARY_PREFIX)
+    assert "twelve questions" in messages[0]["content"]
+    assert messages[1]["role"] == "assistant"
+    assert messages[1:] == before[-(len(messages) - 1):]  # the recent part is kept verbatim
+    assert len(messages) < len(before)
+    summary_request = fake_api.requests[-1]
+    assert "question 0" in summary_request["messages"][0]["content"]
+    restarted = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    assert restarted.messages == messages
+    records = [json.loads(line) for line in store.path(session.id).read_text().splitlines()]
+    assert records[-1]["type"] == "snapshot" and records[-1]["reason"] == "compaction"
+
+
+def test_threshold_compacts_before_the_turn(path, load, fake_api, monkeypatch, capsys):
+    mod = load(path, CONTEXT_WINDOW="20000", COMPACT_THRESHOLD="0.5")
+    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    big_history(mod, session)
+    fake_api.script(reply("Summary: twelve questions."), reply("Fresh answer."))
+    assert mod.agent_turn(mod.make_client(), session, "one more") == "Fresh answer."
+    out = capsys.readouterr().out
+    assert "[context] compacting" in out
+    sent = fake_api.requests[-1]["messages"]
+    assert_valid_history(sent)
+    assert sent[0]["content"].startswith(mod.SUMMARY_PREFIX) and sent[-1]["content"] == "one more"
+
+
+def test_overflow_error_compacts_and_retries_once(path, load, fake_api, capsys):
+    mod = load(path)
+    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    big_history(mod, session, exchanges=3)
+    fake_api.script(error(400, "invalid_request_error", "prompt is too long: 1000512 tokens > 1000000 maximum"),
+                    reply("Summary of three questions."),
+                    reply("Answer after compaction."))
+    assert mod.agent_turn(mod.make_client(), session, "next question") == "Answer after compaction."
+    assert "context window overflowed" in capsys.readouterr().out
+    retried = fake_api.requests[-1]["messages"]
+    assert_valid_history(retried)
+    assert retried[0]["content"].startswith(mod.SUMMARY_PREFIX)
+    assert retried[-1] == {"role": "user", "content": "next question"}
+    assert mod.SessionStore(mod.SESSIONS_DIR).open(session.id).messages == session.messages
+
+
+def test_overflow_stop_reason_compacts_and_retries(path, load, fake_api, capsys):
+    mod = load(path)
+    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    big_history(mod, session, exchanges=3)
+    fake_api.script(reply("Partial", stop_reason="model_context_window_exceeded"), reply("Summary."),
+                    reply("Complete answer."))
+    assert mod.agent_turn(mod.make_client(), session, "go on") == "Complete answer."
+    assert_valid_history(session.messages)
+    assert session.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": "Complete answer."}]}
+
+
+def test_overflow_twice_says_so_and_the_session_stays_usable(path, load, fake_api, capsys):
+    mod = load(path)
+    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    big_history(mod, session, exchanges=3)
+    too_long = error(400, "invalid_request_error", "prompt is too long: 2000000 tokens > 1000000 maximum")
+    fake_api.script(too_long, reply("Summary."), too_long, reply("Back to normal."))
+    assert mod.agent_turn(mod.make_client(), session, "huge") is None
+    assert "too long for the model, even after compaction" in capsys.readouterr().out
+    assert_valid_history(session.messages)
+    assert mod.agent_turn(mod.make_client(), session, "small") == "Back to normal."
+
+
+def test_rate_limit_is_not_mistaken_for_an_overflow(path, load, fake_api, capsys):
+    mod = load(path)
+    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    big_history(mod, session, exchanges=3)
+    # Even with those words in its message, a 429 is a rate limit: no compaction, no retry.
+    fake_api.script(error(429, "rate_limit_error", "prompt is too long for your rate limit"))
+    before = list(session.messages)
+    assert mod.agent_turn(mod.make_client(), session, "hello") is None
+    out = capsys.readouterr().out
+    assert "Rate limited (429)" in out and "compacting" not in out
+    assert len(fake_api.requests) == 1 and session.messages == before
+    # and a different 400 is not an overflow either
+    fake_api.script(error(400, "invalid_request_error", "messages: roles must alternate"))
+    assert mod.agent_turn(mod.make_client(), session, "hello") is None
+    assert "compacting" not in capsys.readouterr().out
+
+
+def test_compact_command_on_an_empty_session_says_so(path, load, fake_api, monkeypatch, capsys):
+    code, out = drive_repl(load(path), ["/compact"], monkeypatch, capsys)
+    assert "nothing to compact yet" in out and fake_api.requests == []
+
+
+def test_end_to_end_restart_remembers(path, fake_api, subprocess_env, workspace):
+    fake_api.script(reply("I'll check.", tools=[tool_use("list_dir", {})]), reply("There are ten entries."))
+    first = run_section(path, ["what is in the workspace?", "quit"], subprocess_env())
+    assert first.returncode == 0, first.stderr
+    fake_api.script(reply("You asked what is in the workspace."))
+    second = run_section(path, ["what did I ask you?", "quit"], subprocess_env())
+    assert second.returncode == 0, second.stderr
+    assert "resumed, 4 messages" in second.transcript
+    sent = fake_api.requests[-1]["messages"]
+    assert sent[0] == {"role": "user", "content": "what is in the workspace?"}
+    assert_valid_history(sent)
