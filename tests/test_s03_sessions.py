@@ -290,3 +290,20 @@ def test_end_to_end_restart_remembers(path, fake_api, subprocess_env, workspace)
     sent = fake_api.requests[-1]["messages"]
     assert sent[0] == {"role": "user", "content": "what is in the workspace?"}
     assert_valid_history(sent)
+
+
+def test_ctrl_c_during_compaction_leaves_the_session_as_it_was(path, load, fake_api, monkeypatch, capsys):
+    mod = load(path)
+    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    big_history(mod, session, exchanges=3)
+    before = list(session.messages)
+    guard = mod.ContextGuard(mod.make_client())
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(guard.client.messages, "create", interrupted)
+    assert guard.compact(session, "test") is False
+    assert session.messages == before
+    assert "compaction interrupted" in capsys.readouterr().out
+    assert mod.SessionStore(mod.SESSIONS_DIR).open(session.id).messages == before

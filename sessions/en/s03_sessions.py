@@ -778,6 +778,9 @@ class ContextGuard:
         except anthropic.APIError as exc:
             print(f"Compaction failed: {describe_api_error(exc)}")
             return False
+        except KeyboardInterrupt:
+            print("\n(compaction interrupted; the session is as it was)")
+            return False
         summary = "".join(b.text for b in reply.content if b.type == "text").strip()
         if not summary:
             print("Compaction failed: the model returned an empty summary.")
