@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
+
+from local_server import LocalServer, QuietHandler
 
 _ids = count(1)
 
@@ -91,22 +92,18 @@ class FakeAnthropic:
         self.count_tokens_status = 200  # set to 404 to act like a local server without the endpoint
         self.default = default_reply
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.http = LocalServer(self._handler_class(), port)
 
     @property
     def base_url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self.http.port}"
 
     def start(self) -> "FakeAnthropic":
-        self.thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
 
     def script(self, *steps: dict) -> None:
         with self.lock:
@@ -122,12 +119,7 @@ class FakeAnthropic:
     def _handler_class(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:  # keep test output clean
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -146,20 +138,9 @@ class FakeAnthropic:
                     return self.send_stream(body, step)
                 return self.send_json(200, message_json(body, step))
 
-            def send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.send_header("request-id", "req_fake")
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
             def send_error_body(self, status: int, etype: str, message: str, headers: dict) -> None:
                 self.send_json(status, {"type": "error", "error": {"type": etype, "message": message},
-                                        "request_id": "req_fake"}, headers)
+                                        "request_id": "req_fake"}, {"request-id": "req_fake", **headers})
 
             def send_stream(self, body: dict, step: dict) -> None:
                 self.send_response(200)

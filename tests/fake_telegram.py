@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
 from urllib.parse import parse_qs
+
+from local_server import LocalServer, QuietHandler
 
 NUMERIC = {"chat_id", "message_thread_id", "offset", "timeout", "limit", "message_id", "reply_to_message_id"}
 LONG_POLL_CAP = 5.0  # seconds a getUpdates may wait here, whatever timeout the client asks for
@@ -40,25 +41,21 @@ class FakeTelegram:
         self.changed = threading.Condition()
         self._update_ids = count(1)
         self._message_ids = count(1000)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.http = LocalServer(self._handler_class())
 
     @property
     def base_url(self) -> str:
         """The value for python-telegram-bot's base_url (the token is appended to it)."""
-        return f"http://127.0.0.1:{self.server.server_port}/bot"
+        return f"http://127.0.0.1:{self.http.port}/bot"
 
     def start(self) -> "FakeTelegram":
-        self.thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
         with self.changed:
             self.changed.notify_all()
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
 
     # --- what a test does -----------------------------------------------------------------------
     def push(self, message: dict) -> dict:
@@ -142,12 +139,7 @@ class FakeTelegram:
     def _handler_class(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", 0))
                 raw = self.rfile.read(length).decode()
@@ -173,13 +165,6 @@ class FakeTelegram:
                 self.reply(200, {"ok": True, "result": result})
 
             do_GET = do_POST
-
-            def reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            reply = QuietHandler.send_json
 
         return Handler
