@@ -473,14 +473,17 @@ def assistant_content(message: anthropic.types.Message) -> list:
     return blocks
 
 
+def as_blocks(content) -> list:
+    """Message content as a list of blocks (the API also accepts a plain string)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
 def add_user_text(messages: list, user_text: str) -> None:
     """Append the person's words. After an interrupted tool exchange the history
     already ends with a user message (the tool results): join it, so roles alternate."""
     if messages and messages[-1]["role"] == "user":
-        previous = messages[-1]["content"]
-        if isinstance(previous, str):
-            previous = [{"type": "text", "text": previous}]
-        messages[-1] = {"role": "user", "content": previous + [{"type": "text", "text": user_text}]}
+        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
+        messages[-1] = {"role": "user", "content": joined}
     else:
         messages.append({"role": "user", "content": user_text})
 

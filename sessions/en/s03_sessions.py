@@ -458,11 +458,6 @@ def run_tool_calls(content: list) -> tuple[list, bool]:
 
 
 # --- Sessions: append on write, replay on read ---------------------------------
-def as_blocks(content) -> list:
-    """Message content as a list of blocks (the API also accepts a plain string)."""
-    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-
-
 def is_valid_message(message) -> bool:
     return (isinstance(message, dict) and message.get("role") in ("user", "assistant")
             and isinstance(message.get("content"), (str, list)) and bool(message["content"]))
@@ -589,7 +584,7 @@ class SessionStore:
 
     def open(self, session_id: str) -> Session:
         messages = self.replay(session_id)
-        self.saved[session_id] = json.loads(json.dumps(messages))  # a deep copy
+        self.remember(session_id, messages)
         self.index["current"] = session_id
         self.write_index()
         return Session(self, session_id, messages)
@@ -657,13 +652,17 @@ class SessionStore:
         records += [{"type": "message", "ts": now_iso(), "message": m} for m in messages[n:]]
         if records:
             self.append(session.id, records)
-            self.saved[session.id] = json.loads(json.dumps(messages))
+            self.remember(session.id, messages)
             self.touch(session)
+
+    def remember(self, session_id: str, messages: list) -> None:
+        """Keep a deep copy of what is on disk now, so sync() can tell what is new."""
+        self.saved[session_id] = json.loads(json.dumps(messages))
 
     def write_snapshot(self, session: Session, reason: str) -> None:
         self.append(session.id, [{"type": "snapshot", "ts": now_iso(), "reason": reason,
                                   "messages": session.messages}])
-        self.saved[session.id] = json.loads(json.dumps(session.messages))
+        self.remember(session.id, session.messages)
         self.touch(session)
 
     def touch(self, session: Session) -> None:
@@ -819,14 +818,17 @@ def assistant_content(message: anthropic.types.Message) -> list:
     return blocks
 
 
+def as_blocks(content) -> list:
+    """Message content as a list of blocks (the API also accepts a plain string)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
 def add_user_text(messages: list, user_text: str) -> None:
     """Append the person's words. After an interrupted tool exchange the history
     already ends with a user message (the tool results): join it, so roles alternate."""
     if messages and messages[-1]["role"] == "user":
-        previous = messages[-1]["content"]
-        if isinstance(previous, str):
-            previous = [{"type": "text", "text": previous}]
-        messages[-1] = {"role": "user", "content": previous + [{"type": "text", "text": user_text}]}
+        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
+        messages[-1] = {"role": "user", "content": joined}
     else:
         messages.append({"role": "user", "content": user_text})
 
