@@ -44,6 +44,11 @@ class FakeTelegram:
         self.http = LocalServer(self._handler_class())
 
     @property
+    def api_base(self) -> str:
+        """The Bot API's root, as a section's TELEGRAM_API_BASE (it adds "/bot<token>/<method>")."""
+        return f"http://127.0.0.1:{self.http.port}"
+
+    @property
     def base_url(self) -> str:
         """The value for python-telegram-bot's base_url (the token is appended to it)."""
         return f"http://127.0.0.1:{self.http.port}/bot"

@@ -129,7 +129,9 @@ def drive_repl(module, inputs: list[str], monkeypatch, capsys) -> tuple[int, str
     """Run a section's main() in-process, typing `inputs` at its prompts.
 
     Returns (exit code, transcript). After the last input, input() raises
-    EOFError, exactly like Ctrl-D. An input of KeyboardInterrupt raises it.
+    EOFError, exactly like Ctrl-D. An input of KeyboardInterrupt raises it. A
+    callable input is called at the prompt and types what it returns, so a test
+    can wait there for something (a message from a fake chat) before typing.
     """
     remaining = list(inputs)
 
@@ -140,6 +142,8 @@ def drive_repl(module, inputs: list[str], monkeypatch, capsys) -> tuple[int, str
         line = remaining.pop(0)
         if line is KeyboardInterrupt:
             raise KeyboardInterrupt
+        if callable(line):
+            line = line()
         print(line)
         return line
 

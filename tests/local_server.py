@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up mid-answer (a cancelled long poll) is normal here, not a traceback."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class LocalServer:
     def __init__(self, handler_class: type[BaseHTTPRequestHandler], port: int = 0):
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler_class)
+        self.server = QuietServer(("127.0.0.1", port), handler_class)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)

@@ -62,4 +62,12 @@ TRANSCRIPTS = {
         "env": {},
         "show": ".state/sessions/main/*.jsonl",
     },
+    "s04": {
+        "inputs": ["/channels", "Hi! Where can people reach you?", "/pair", "/approvals", "/approve 3", "quit"],
+        "steps": [
+            said("Here in the terminal, and in Telegram or Feishu chats once the operator connects those; "
+                 "in a chat, I answer only people the operator has approved.", None, (1512, 36)),
+        ],
+        "env": {},
+    },
 }

@@ -1,0 +1,624 @@
+"""s04: channels. Telegram and Feishu messages become InboundMessages, pass the
+allow list or pairing, run in their own sessions on worker threads, and the
+replies go back the way they came. Driven against local fakes of the Telegram
+Bot API and the Feishu open platform; the terminal is driven in-process."""
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import telegram
+
+from fake_anthropic import last_user_text, reply, tool_use
+from fake_feishu import FakeFeishu, message_event, url_verification
+from fake_telegram import FakeTelegram
+from harness import assert_valid_history, drive_repl, isolated_env, sections_from, section_id
+
+SECTIONS = sections_from("s04")
+VERIFY = "verify-me"  # the Feishu verification token the tests configure
+
+
+@pytest.fixture(params=SECTIONS, ids=section_id)
+def path(request):
+    return request.param
+
+
+@pytest.fixture
+def tg():
+    fake = FakeTelegram().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fs():
+    fake = FakeFeishu().start()
+    yield fake
+    fake.stop()
+
+
+def telegram_env(tg, **extra):
+    return {"TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_API_BASE": tg.api_base, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def feishu_env(fs, port, **extra):
+    return {"FEISHU_APP_ID": fs.app_id, "FEISHU_APP_SECRET": fs.app_secret, "FEISHU_VERIFICATION_TOKEN": VERIFY,
+            "FEISHU_WEBHOOK_PORT": str(port), "FEISHU_API_BASE": fs.api_base, **extra}
+
+
+def wait_for(condition, timeout: float = 10, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Screen:
+    """What the terminal has shown so far, read while the REPL is still running."""
+
+    def __init__(self, capsys):
+        self.capsys, self.text = capsys, ""
+
+    def wait_for(self, needle: str, timeout: float = 10) -> str:
+        def seen():
+            self.text += self.capsys.readouterr().out
+            return needle in self.text
+        wait_for(seen, timeout, repr(needle))
+        return self.text
+
+
+def texts(sent) -> list[str]:
+    return [m["text"] for m in sent]
+
+
+def session_index(workspace) -> dict:
+    return json.loads((workspace / ".state" / "sessions" / "main" / "sessions.json").read_text())
+
+
+# --- Splitting long replies -------------------------------------------------------------------------
+
+def test_a_10000_character_reply_arrives_in_order_in_parts_telegram_accepts(path, load, fake_api, tg, monkeypatch,
+                                                                          capsys):
+    words = [f"word{i:04d}" for i in range(1120)]
+    paragraphs = [" ".join(words[i:i + 60]) for i in range(0, len(words), 60)]
+    long_text = "\n\n".join(paragraphs)
+    assert len(long_text) > 10_000
+    fake_api.script(reply(long_text))
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+
+    def chat():
+        tg.push(tg.private_message("write a lot", user_id=42))
+        wait_for(lambda: len(tg.sent) >= 3 and "word1119" in tg.sent[-1]["text"], what="the last part")
+        return "quit"
+    code, _ = drive_repl(mod, [chat], monkeypatch, capsys)
+    assert code == 0
+    parts = texts(tg.sent)
+    assert len(parts) == 3
+    assert all(len(part) <= 4096 for part in parts)
+    assert " ".join(parts).split() == words  # every word, in order, none cut in two
+    for part in parts[:-1]:
+        assert part.split()[-1] in words[59::60], "each part but the last ends at a paragraph break"
+
+
+def test_split_prefers_paragraphs_then_lines_then_words(path, load):
+    mod = load(path)
+    text = "a" * 50 + "\n\n" + "b" * 30 + "\n" + "c" * 30 + " " + "d" * 30
+    assert mod.split_message(text, 100) == ["a" * 50, "b" * 30 + "\n" + "c" * 30 + " " + "d" * 30]
+    assert mod.split_message("x" * 30 + "\n" + "y" * 80, 100) == ["x" * 30, "y" * 80]
+    assert mod.split_message("short", 100) == ["short"]
+    assert mod.split_message("z" * 250, 100) == ["z" * 96, "z" * 96, "z" * 58]  # no space at all: hard cuts
+
+
+def test_split_keeps_code_blocks_whole_when_it_can(path, load):
+    mod = load(path)
+    code = "```python\n" + "\n".join(f"print({i})" for i in range(8)) + "\n```"
+    text = "Intro line.\n\n" + code + "\n\nAfter."
+    parts = mod.split_message(text, len(code) + 10)
+    assert parts == ["Intro line.", code + "\n\nAfter."]  # cut before the block, not inside it
+
+
+def test_split_closes_and_reopens_a_block_too_long_for_one_part(path, load):
+    mod = load(path)
+    lines = [f"line_{i:03d} = {i}" for i in range(60)]
+    text = "```python\n" + "\n".join(lines) + "\n```"
+    parts = mod.split_message(text, 300)
+    assert len(parts) > 2 and all(len(p) <= 300 for p in parts)
+    for part in parts:
+        assert part.startswith("```python\n") and part.endswith("```"), part[:20] + "..." + part[-20:]
+    body = [line for part in parts for line in part.splitlines() if not line.startswith("```")]
+    assert body == lines
+
+
+# --- Telegram: allowed, unknown, paired ------------------------------------------------------------
+
+def test_an_allowed_telegram_user_gets_an_answer_in_their_own_session(path, load, fake_api, tg, monkeypatch,
+                                                                    capsys, workspace):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    fake_api.script(reply("Hello Ada, from the agent."))
+
+    def chat():
+        tg.push(tg.private_message("hi there", user_id=42))
+        tg.wait_for_sent(1)
+        wait_for(lambda: tg.actions, what="a typing action")
+        return "/channels"
+    code, out = drive_repl(mod, [chat], monkeypatch, capsys)
+    assert code == 0
+    assert tg.sent == [{"chat_id": 42, "text": "Hello Ada, from the agent."}]
+    assert tg.actions[0] == {"chat_id": 42, "action": "typing"}
+    assert last_user_text(fake_api.requests[0]) == "hi there"
+    assert re.search(r"telegram\s+on\s+@gateway_test_bot", out)
+    assert "[telegram] Ada (42): hi there" in out
+    key = session_index(workspace)["keys"]["telegram:direct:42"]
+    lines = (workspace / ".state" / "sessions" / "main" / f"{key}.jsonl").read_text().splitlines()
+    saved = [json.loads(line)["message"] for line in lines]
+    assert saved == [{"role": "user", "content": "hi there"},
+                     {"role": "assistant", "content": [{"type": "text", "text": "Hello Ada, from the agent."}]}]
+
+
+def test_an_unknown_sender_gets_only_a_pairing_code_until_approved(path, load, fake_api, tg, monkeypatch, capsys,
+                                                                  workspace):
+    mod = load(path, **telegram_env(tg))
+    screen = Screen(capsys)
+    code = {}
+
+    def stranger_writes():
+        tg.push(tg.private_message("what is the wifi password?", user_id=77, first_name="Eve"))
+        code["value"] = re.search(r"pairing code is ([A-Z2-9]{8})\b", tg.wait_for_sent(1)[0]["text"]).group(1)
+        tg.push(tg.private_message("hello??", user_id=77, first_name="Eve"))
+        screen.wait_for("a request is pending")  # the second message got no second code
+        return "/pair"
+
+    def approve():
+        screen.wait_for(code["value"])
+        return f"/pair approve {code['value']}"
+
+    def writes_again():
+        tg.wait_for_sent(2)
+        fake_api.script(reply("Hi Eve!"))
+        tg.push(tg.private_message("hello now", user_id=77, first_name="Eve"))
+        tg.wait_for_sent(3)
+        return "quit"
+    status, out = drive_repl(mod, [stranger_writes, approve, writes_again], monkeypatch, capsys)
+    out = screen.text + out
+    assert status == 0
+    sent = texts(tg.sent)
+    assert len(sent) == 3 and sent[1:] == ["You are approved. Send your message again.", "Hi Eve!"]
+    assert sent[0].count(code["value"]) == 2
+    assert set(code["value"]) <= set("ABCDEFGHJKLMNPQRSTUVWXYZ23456789")
+    assert [last_user_text(r) for r in fake_api.requests] == ["hello now"]  # the model never saw the first two
+    assert "wifi" not in json.dumps(fake_api.requests)
+    assert f"Eve (77), asked 0 min ago" in out and "Approved telegram user 77" in out
+    stored = json.loads((workspace / ".state" / "pairing.json").read_text())
+    assert stored["approved"] == {"telegram": ["77"]}
+
+
+def test_an_approval_survives_a_restart_and_a_denied_sender_gets_no_new_code(path, load, fake_api, tg, monkeypatch,
+                                                                           capsys):
+    mod = load(path)
+    pairing = mod.Pairing({})
+    alice = mod.InboundMessage(channel="telegram", account="bot", peer="5", sender="5", text="hi", sender_name="A")
+    mallory = mod.InboundMessage(channel="telegram", account="bot", peer="6", sender="6", text="hi")
+    code_a, code_m = pairing.request(alice), pairing.request(mallory)
+    assert len(code_a) == 8 and code_a != code_m
+    assert pairing.request(alice) is None  # one code per sender
+    assert pairing.answer(code_a.lower(), approve=True)["sender"] == "5"
+    assert pairing.answer(code_m, approve=False)["sender"] == "6"
+    assert pairing.request(mallory) is None  # denied: no new code within the hour
+    assert pairing.answer(code_a, approve=True) is None  # a code works once
+    again = mod.Pairing({})
+    assert again.is_allowed("telegram", "5") and not again.is_allowed("telegram", "6")
+    assert not again.is_allowed("feishu", "5")  # approval is per channel
+    assert mod.Pairing({"telegram": {"6"}}).is_allowed("telegram", "6")  # TELEGRAM_ALLOW_FROM
+
+
+def test_pairing_codes_expire_and_strangers_are_capped(path, load, monkeypatch):
+    mod = load(path)
+    pairing = mod.Pairing({})
+    strangers = [mod.InboundMessage(channel="telegram", account="b", peer=str(n), sender=str(n), text="x")
+                 for n in range(5)]
+    codes = [pairing.request(m) for m in strangers]
+    assert all(codes[:3]) and codes[3:] == [None, None]  # at most three wait per channel
+    feishu = mod.InboundMessage(channel="feishu", account="b", peer="ou_1", sender="ou_1", text="x")
+    assert pairing.request(feishu)  # the cap is per channel
+    later = time.time() + mod.PAIRING_TTL + 1
+    monkeypatch.setattr(mod.time, "time", lambda: later)
+    assert pairing.pending() == []
+    assert pairing.answer(codes[0], approve=True) is None  # expired
+    assert pairing.request(strangers[4])  # room again
+
+
+def test_a_corrupt_pairing_file_is_moved_aside_and_nobody_is_let_in(path, load, workspace, capsys):
+    mod = load(path)
+    state = workspace / ".state"
+    state.mkdir(exist_ok=True)
+    (state / "pairing.json").write_text('{"approved": {"telegram": ["5"]')  # torn
+    pairing = mod.Pairing({})
+    assert not pairing.is_allowed("telegram", "5")
+    assert "is not valid" in capsys.readouterr().out
+    assert list(state.glob("pairing.corrupt-*.json"))
+    (state / "pairing.json").write_text('{"approved": [], "requests": {}}')  # wrong shapes
+    assert not mod.Pairing({}).is_allowed("telegram", "5")
+
+
+def test_an_unknown_sender_in_a_group_is_ignored_without_a_code(path, load, fake_api, tg, monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg))
+    screen = Screen(capsys)
+
+    def group_chat():
+        tg.push(tg.group_message("hey bot", user_id=88, chat_id=-1001))
+        screen.wait_for("ignored telegram user")
+        return "quit"
+    drive_repl(mod, [group_chat], monkeypatch, capsys)
+    assert tg.sent == [] and fake_api.requests == []
+
+
+# --- Telegram: threads, order, concurrency ---------------------------------------------------------
+
+def test_a_forum_topic_is_answered_in_its_topic_and_is_its_own_session(path, load, fake_api, tg, monkeypatch,
+                                                                      capsys, workspace):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    fake_api.script(reply("In topic 7."), reply("In the group."))
+
+    def chat():
+        topic = tg.group_message("@gateway_test_bot status?", user_id=42, chat_id=-1005, thread_id=7)
+        tg.push(topic)
+        tg.wait_for_sent(1)
+        tg.push(tg.group_message("and here?", user_id=42, chat_id=-1005))
+        tg.wait_for_sent(2)
+        return "quit"
+    drive_repl(mod, [chat], monkeypatch, capsys)
+    first, second = tg.sent
+    assert first["chat_id"] == -1005 and first["message_thread_id"] == 7 and first["text"] == "In topic 7."
+    assert "message_thread_id" not in second
+    assert json.loads(first["reply_parameters"])["message_id"] > 0  # in a group, the answer quotes the question
+    assert last_user_text(fake_api.requests[0]) == "status?"  # the mention of the bot is taken out
+    keys = session_index(workspace)["keys"]
+    assert set(keys) == {"telegram:group:-1005:topic:7", "telegram:group:-1005"}
+    assert len(fake_api.requests[1]["messages"]) == 1  # the topic's history did not leak into the group's
+
+
+def test_turns_of_one_chat_wait_in_line_while_other_chats_go_ahead(path, load, fake_api, tg, monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42,43"))
+    gate = threading.Event()
+    fake_api.script(reply("first answer", gate=gate))
+
+    def chat():
+        tg.push(tg.private_message("one", user_id=42))
+        wait_for(lambda: fake_api.requests, what="the first call")
+        tg.push(tg.private_message("two", user_id=42))   # same chat: must wait for "one"
+        tg.push(tg.private_message("other", user_id=43))  # another chat: runs now
+        sent = tg.wait_for_sent(1)
+        assert sent[0] == {"chat_id": 43, "text": "(fake) you said: other"}
+        assert len(fake_api.requests) == 2  # "two" has not been sent to the model yet
+        gate.set()
+        tg.wait_for_sent(3)
+        return "quit"
+    drive_repl(mod, [chat], monkeypatch, capsys)
+    assert texts(tg.sent)[1:] == ["first answer", "(fake) you said: two"]
+    history = fake_api.requests[2]["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"]  # "two" came after "one" was answered
+    assert_valid_history(history)
+
+
+def test_a_photo_without_words_reaches_the_model_as_a_note(path, load, fake_api, tg, monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    photo = tg.private_message("", user_id=42)
+    del photo["text"]
+    photo["photo"] = [{"file_id": "f1", "file_unique_id": "u1", "width": 10, "height": 10}]
+
+    def chat():
+        tg.push(photo)
+        tg.wait_for_sent(1)
+        return "quit"
+    drive_repl(mod, [chat], monkeypatch, capsys)
+    assert "photo" in last_user_text(fake_api.requests[0])
+
+
+# --- Telegram: failures ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [502, 409, None], ids=["bad-gateway", "conflict", "connection-dropped"])
+def test_a_failing_bot_api_is_polled_with_growing_waits_and_recovers(path, load, fake_api, tg, monkeypatch, capsys,
+                                                                   status):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    monkeypatch.setattr(mod, "POLL_BACKOFF_START", 0.05)
+    tg.fail(status, "Conflict: terminated by other getUpdates request" if status == 409 else "Bad Gateway", times=4)
+
+    def chat():
+        tg.push(tg.private_message("are you back?", user_id=42))
+        tg.wait_for_sent(1)
+        return "/channels"
+    code, out = drive_repl(mod, [chat], monkeypatch, capsys)
+    assert code == 0 and texts(tg.sent) == ["(fake) you said: are you back?"]
+    times = [t for t, _, _ in tg.calls[:5]]  # four failures, then the first call that worked
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert [round(g, 2) >= w for g, w in zip(gaps, [0.05, 0.1, 0.2, 0.4])] == [True] * 4, gaps
+    assert out.count("polling failed") == 1 and out.count("polling works again after 4 failed tries") == 1
+    assert "last error" in out  # /channels keeps the last error
+
+
+def test_a_token_telegram_does_not_know_switches_the_channel_off(path, load, fake_api, tg, monkeypatch, capsys):
+    mod = load(path, TELEGRAM_BOT_TOKEN="999:WRONG", TELEGRAM_API_BASE=tg.api_base)
+    screen = Screen(capsys)
+
+    def look():
+        screen.wait_for("does not know this TELEGRAM_BOT_TOKEN")
+        return "/channels"
+    code, out = drive_repl(mod, [look], monkeypatch, capsys)
+    assert code == 0
+    assert re.search(r"telegram\s+off\s+Telegram does not know", out)
+    assert len(tg.calls) == 1  # asked once, not again and again
+
+
+def test_channels_without_tokens_are_off_with_a_reason(path, load, fake_api, monkeypatch, capsys):
+    code, out = drive_repl(load(path), ["", "/channels"], monkeypatch, capsys)
+    assert code == 0
+    assert ("Channels: terminal on · telegram off (no TELEGRAM_BOT_TOKEN in .env) · "
+            "feishu off (no FEISHU_APP_ID / FEISHU_APP_SECRET in .env)") in out
+    assert re.search(r"feishu\s+off\s+no FEISHU_APP_ID", out)
+    assert "Traceback" not in out
+
+
+# --- Approvals from remote chats --------------------------------------------------------------------
+
+def test_a_remote_bash_request_waits_for_approve_at_the_terminal(path, load, fake_api, tg, monkeypatch, capsys,
+                                                               workspace):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    fake_api.script(reply(tools=[tool_use("bash", {"command": "touch from-telegram.txt"}, "toolu_01")]),
+                    reply("Created from-telegram.txt."))
+    screen = Screen(capsys)
+
+    def ask():
+        tg.push(tg.private_message("make a file", user_id=42))
+        screen.wait_for("/approve 1")
+        tg.wait_for_sent(1)
+        assert not (workspace / "from-telegram.txt").exists()  # nothing runs before the operator answers
+        return "/approvals"
+
+    def done():
+        tg.wait_for_sent(2)
+        return "quit"
+    code, out = drive_repl(mod, [ask, "/approve 1", done], monkeypatch, capsys)
+    out = screen.text + out
+    assert code == 0 and (workspace / "from-telegram.txt").exists()
+    assert texts(tg.sent) == ["Waiting for the operator to approve this command: touch from-telegram.txt",
+                              "Created from-telegram.txt."]
+    assert "telegram:direct:42 wants to run: touch from-telegram.txt" in out
+    assert "Approved for telegram:direct:42: touch from-telegram.txt" in out
+    assert "Allow? [o]nce" not in out  # the terminal prompt is for the terminal's own turns
+
+
+def test_an_unanswered_remote_request_times_out_as_denied(path, load, fake_api, tg, monkeypatch, capsys, workspace):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42", APPROVAL_TIMEOUT="0.3"))
+    fake_api.script(reply(tools=[tool_use("bash", {"command": "rm SOUL.md"}, "toolu_01")]),
+                    reply("I could not delete it: nobody approved."))
+
+    def chat():
+        tg.push(tg.private_message("delete SOUL.md", user_id=42))
+        tg.wait_for_sent(3)
+        return "/approvals"
+    code, out = drive_repl(mod, [chat], monkeypatch, capsys)
+    assert (workspace / "SOUL.md").exists()
+    sent = texts(tg.sent)
+    assert sent[1] == "The operator did not answer within 0.3 s, so this command did not run: rm SOUL.md"
+    result = fake_api.requests[1]["messages"][-1]["content"][0]
+    assert result["is_error"] is True and "nobody approved" in result["content"]
+    assert "no answer in 0.3 s: denied" in out and "No commands are waiting for approval." in out
+
+
+def test_deny_and_unknown_ids_at_the_terminal(path, load, fake_api, tg, monkeypatch, capsys, workspace):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    fake_api.script(reply(tools=[tool_use("bash", {"command": "touch x.txt"}, "toolu_01")]), reply("Not done."))
+    screen = Screen(capsys)
+
+    def ask():
+        tg.push(tg.private_message("make x", user_id=42))
+        screen.wait_for("/deny 1")
+        return "/approve 9"
+
+    def done():
+        tg.wait_for_sent(2)
+        return "quit"
+    code, out = drive_repl(mod, [ask, "/deny 1", done], monkeypatch, capsys)
+    assert not (workspace / "x.txt").exists()
+    assert "No command is waiting with id '9'" in out and "Denied for telegram:direct:42: touch x.txt" in out
+    assert "the person denied" in fake_api.requests[1]["messages"][-1]["content"][0]["content"]
+
+
+# --- Feishu ------------------------------------------------------------------------------------------
+
+def post(port: int, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"http://127.0.0.1:{port}/", content=content, timeout=5, **kwargs)
+
+
+def raw_post(port: int, request: bytes) -> int:
+    """Send bytes as they are (httpx will not send a false Content-Length); return the status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        return int(conn.recv(1024).split()[1])
+
+
+def test_feishu_answers_the_challenge_and_refuses_bad_tokens_and_garbage(path, load, fake_api, fs, monkeypatch,
+                                                                       capsys):
+    port = free_port()
+    mod = load(path, **feishu_env(fs, port, FEISHU_ALLOW_FROM="ou_ada"))
+    seen = {}
+
+    def probe():
+        ok = post(port, url_verification("c-123", VERIFY))
+        seen["challenge"] = (ok.status_code, ok.json())
+        seen["wrong"] = post(port, url_verification("c-123", "not-the-token")).status_code
+        seen["forged"] = post(port, message_event("hi", "ou_ada", token="forged")).status_code
+        seen["garbage"] = [post(port, body).status_code for body in
+                           (b"not json", b"[]", b"null", b'"text"', b"{}", {"header": []},
+                            {"header": {"token": VERIFY, "event_type": "im.message.receive_v1"}},
+                            {"encrypt": "abc"})]
+        seen["huge"] = raw_post(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\nx")
+        seen["still"] = post(port, url_verification("c-456", VERIFY)).json()
+        return "/channels"
+    code, out = drive_repl(mod, [probe], monkeypatch, capsys)
+    assert seen["challenge"] == (200, {"challenge": "c-123"})
+    assert seen["wrong"] == 403 and seen["forged"] == 403
+    assert seen["garbage"] == [400] * 8
+    assert seen["huge"] == 413
+    assert seen["still"] == {"challenge": "c-456"}  # none of that took the webhook down
+    assert fake_api.requests == [] and fs.sent == []
+    assert re.search(rf"feishu\s+on\s+webhook on http://127.0.0.1:{port}/", out)
+
+
+def test_feishu_direct_and_group_replies_use_the_right_receive_id_type(path, load, fake_api, fs, monkeypatch, capsys,
+                                                                      workspace):
+    port = free_port()
+    mod = load(path, **feishu_env(fs, port, FEISHU_ALLOW_FROM="ou_ada"))
+    fake_api.script(reply("Direct answer."), reply("Group answer."))
+
+    def chat():
+        assert post(port, message_event("hello", "ou_ada", VERIFY, event_id="ev1")).status_code == 200
+        assert post(port, message_event("hello", "ou_ada", VERIFY, event_id="ev1")).status_code == 200  # redelivery
+        wait_for(lambda: len(fs.sent) == 1, what="the direct reply")
+        event = message_event("@_user_1 and you all?", "ou_ada", VERIFY, chat_id="oc_team", chat_type="group")
+        post(port, event)
+        wait_for(lambda: len(fs.sent) == 2, what="the group reply")
+        return "quit"
+    drive_repl(mod, [chat], monkeypatch, capsys)
+    assert fs.sent == [
+        {"receive_id_type": "open_id", "receive_id": "ou_ada", "msg_type": "text", "text": "Direct answer."},
+        {"receive_id_type": "chat_id", "receive_id": "oc_team", "msg_type": "text", "text": "Group answer."}]
+    assert [last_user_text(r) for r in fake_api.requests] == ["hello", "and you all?"]  # redelivery answered once
+    assert fs.token_requests == 1  # the tenant token was cached
+    assert set(session_index(workspace)["keys"]) == {"feishu:direct:ou_ada", "feishu:group:oc_team"}
+
+
+def test_feishu_fetches_a_new_token_when_the_old_one_stops_working(path, load, fake_api, fs, monkeypatch, capsys):
+    port = free_port()
+    mod = load(path, **feishu_env(fs, port, FEISHU_ALLOW_FROM="ou_ada"))
+
+    def chat():
+        post(port, message_event("one", "ou_ada", VERIFY))
+        wait_for(lambda: len(fs.sent) == 1, what="the first reply")
+        fs.expire_tokens()
+        post(port, message_event("two", "ou_ada", VERIFY))
+        wait_for(lambda: len(fs.sent) == 2, what="the second reply")
+        return "quit"
+    drive_repl(mod, [chat], monkeypatch, capsys)
+    assert [m["text"] for m in fs.sent] == ["(fake) you said: one", "(fake) you said: two"]
+    assert fs.token_requests == 2
+
+
+def test_a_feishu_stranger_gets_a_pairing_code(path, load, fake_api, fs, monkeypatch, capsys):
+    port = free_port()
+    mod = load(path, **feishu_env(fs, port))
+
+    def chat():
+        post(port, message_event("hi", "ou_eve", VERIFY))
+        wait_for(lambda: fs.sent, what="the pairing reply")
+        return "/pair"
+    code, out = drive_repl(mod, [chat], monkeypatch, capsys)
+    assert fs.sent[0]["receive_id"] == "ou_eve" and "pairing code is" in fs.sent[0]["text"]
+    assert fake_api.requests == []
+    assert "feishu user ? (ou_eve)" in out
+
+
+def test_a_webhook_port_in_use_switches_feishu_off_and_the_repl_runs(path, load, fake_api, fs, monkeypatch, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mod = load(path, **feishu_env(fs, port))
+        code, out = drive_repl(mod, ["/channels"], monkeypatch, capsys)
+    assert code == 0
+    assert f"feishu off (cannot listen on 127.0.0.1:{port}" in out and "set FEISHU_WEBHOOK_PORT to a free port" in out
+    assert "Traceback" not in out
+
+
+# --- Sessions of remote chats, and the terminal ---------------------------------------------------------
+
+def test_the_terminal_cannot_switch_into_a_chat_that_is_still_using_its_session(path, load, workspace):
+    mod = load(path)
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    terminal = store.create("mine")
+    chat = store.for_key("telegram:direct:42")
+    assert store.for_key("telegram:direct:42") is chat  # kept open, not replayed per message
+    assert store.find(chat.id) == [] and store.find("telegram") == []
+    assert store.find("mine") == [terminal.id]
+    assert store.index["current"] == terminal.id  # a chat's session never becomes the terminal's
+    fresh = store.for_key("telegram:direct:42", fresh=True)  # the chat sent /new
+    assert fresh.id != chat.id and store.find(chat.id) == [chat.id]  # the old one is free now
+    reopened = mod.SessionStore(mod.SESSIONS_DIR)
+    assert reopened.for_key("telegram:direct:42").id == fresh.id
+
+
+def test_remote_new_starts_a_fresh_conversation(path, load, fake_api, tg, monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+
+    def chat():
+        for n, text in enumerate(["remember 7", "/new", "what number?"], 1):
+            tg.push(tg.private_message(text, user_id=42))
+            tg.wait_for_sent(n)
+        return "quit"
+    drive_repl(mod, [chat], monkeypatch, capsys)
+    assert texts(tg.sent)[1] == "Started a new conversation."
+    assert len(fake_api.requests[-1]["messages"]) == 1
+
+
+# --- Side by side: one shape from every platform ---------------------------------------------------------
+
+def inbound_examples(mod):
+    """The InboundMessage each remote channel makes of the same "hi" in a direct chat."""
+    tg = FakeTelegram()  # only its message builder; the server is never started
+    update = telegram.Update.de_json({"update_id": 1, "message": tg.private_message("hi", user_id=42)}, None)
+    tg.http.server.server_close()
+    telegram_channel = mod.TelegramChannel("123:T", "http://127.0.0.1:9")
+    telegram_channel.account = "gateway_test_bot"
+    feishu_channel = mod.FeishuChannel("cli_test_app", "s", VERIFY, 0, "http://127.0.0.1:9")
+    return [telegram_channel.to_inbound(update),
+            feishu_channel.to_inbound(message_event("hi", "ou_ada", VERIFY, chat_id="oc_1"))]
+
+
+def test_the_lesson_shows_what_each_platform_really_makes(path, load):
+    """The side-by-side table in the lesson: each field's value, per platform, as the code makes it."""
+    mod = load(path)
+    examples = inbound_examples(mod)
+    lesson = path.with_suffix(".md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \| (.*?) \| (.*?) \|$", lesson, flags=re.M)
+    fields = {name: cells for name, *cells in rows}
+    assert set(fields) >= {"channel", "account", "peer", "sender", "text", "is_group", "media", "session_key"}
+    for name, cells in fields.items():
+        for message, cell in zip(examples, cells):
+            shown = re.match(r"`([^`]*)`", cell)
+            value = getattr(message, name)
+            assert (shown.group(1) if shown else "") == ("" if value == "" else str(value)), (name, cell)
+
+
+# --- End to end: the file as a learner runs it ----------------------------------------------------------------
+
+def test_end_of_input_stops_telegram_polling_and_exits_at_once(tg, fake_api, workspace):
+    path = SECTIONS[0]
+    env = isolated_env(workspace, fake_api.base_url, **telegram_env(tg))
+    proc = subprocess.Popen([sys.executable, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(workspace.parent))
+    try:
+        wait_for(lambda: tg.calls_of("getUpdates"), timeout=20, what="polling to start")
+        started = time.monotonic()
+        out, err = proc.communicate("/channels\n", timeout=15)  # then end of input while a poll waits
+        elapsed = time.monotonic() - started
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert elapsed < 3, f"took {elapsed:.1f} s to stop"
+    assert re.search(r"telegram\s+on\s+@gateway_test_bot, long polling", out) and out.rstrip().endswith("Bye.")
+    assert err == ""
