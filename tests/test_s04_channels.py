@@ -622,3 +622,34 @@ def test_end_of_input_stops_telegram_polling_and_exits_at_once(tg, fake_api, wor
     assert elapsed < 3, f"took {elapsed:.1f} s to stop"
     assert re.search(r"telegram\s+on\s+@gateway_test_bot, long polling", out) and out.rstrip().endswith("Bye.")
     assert err == ""
+
+
+def test_ctrl_c_at_the_prompt_stops_a_polling_telegram_and_exits_0(path, load, fake_api, tg, monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg))
+
+    def interrupt():
+        wait_for(lambda: tg.calls_of("getUpdates"), what="a poll in progress")
+        raise KeyboardInterrupt
+    started = time.monotonic()
+    code, out = drive_repl(mod, [interrupt], monkeypatch, capsys)
+    assert code == 0 and out.rstrip().endswith("Bye.")
+    assert time.monotonic() - started < 5
+    assert mod.threading.active_count() >= 1 and not any(t.name == "telegram" and t.is_alive()
+                                                         for t in mod.threading.enumerate())
+
+
+def test_leaving_denies_waiting_commands_and_lets_the_chat_hear_the_end(path, load, fake_api, tg, monkeypatch, capsys,
+                                                                        workspace):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    fake_api.script(reply(tools=[tool_use("bash", {"command": "touch late.txt"}, "toolu_01")]),
+                    reply("The operator left before approving; nothing was created."))
+    screen = Screen(capsys)
+
+    def leave_while_it_waits():
+        tg.push(tg.private_message("make late.txt", user_id=42))
+        screen.wait_for("/approve 1")
+        return "quit"
+    code, out = drive_repl(mod, [leave_while_it_waits], monkeypatch, capsys)
+    assert code == 0 and not (workspace / "late.txt").exists()
+    assert texts(tg.sent)[-1] == "The operator left before approving; nothing was created."
+    assert "remote conversation(s) finish" in out

@@ -603,11 +603,10 @@ def repair_history(messages: list) -> tuple[list, list]:
 
 
 class Session:
-    """One conversation: its id, its messages, and the store that keeps them.
-    `key` names the remote chat it belongs to ("telegram:direct:42"); None for the terminal's."""
+    """One conversation: its id, its messages, and the store that keeps them."""
 
-    def __init__(self, store: "SessionStore", session_id: str, messages: list, key: str | None = None):
-        self.store, self.id, self.messages, self.key = store, session_id, messages, key
+    def __init__(self, store: "SessionStore", session_id: str, messages: list):
+        self.store, self.id, self.messages = store, session_id, messages
 
     def save(self) -> None:
         self.store.sync(self)
@@ -675,7 +674,7 @@ class SessionStore:
                 self.index["keys"][key] = session_id
             self.write_index()
         self.saved[session_id] = []
-        return Session(self, session_id, [], key)
+        return Session(self, session_id, [])
 
     def for_key(self, key: str, fresh: bool = False) -> Session:
         """The session of one remote chat, opened once and kept in memory; created
@@ -687,7 +686,7 @@ class SessionStore:
             if fresh or session_id is None or not self.path(session_id).exists():
                 session = self.create(key, key=key)
             else:
-                session = Session(self, session_id, self.replay(session_id), key)
+                session = Session(self, session_id, self.replay(session_id))
                 self.remember(session_id, session.messages)
             self.by_key[key] = session
             return session
@@ -1309,6 +1308,13 @@ class FeishuWebhook(BaseHTTPRequestHandler):
         pass  # no line per request on the terminal
 
 
+class WebhookServer(ThreadingHTTPServer):
+    daemon_threads = True  # a slow or stuck client never holds up the exit
+
+    def handle_error(self, request, client_address) -> None:
+        note(f"[feishu] a webhook request from {client_address[0]} failed: {sys.exc_info()[1]!r}")
+
+
 class FeishuChannel(Channel):
     """A Feishu (or Lark) bot: events arrive at the webhook; replies go out
     through the open API with a tenant token that is cached until shortly
@@ -1336,11 +1342,11 @@ class FeishuChannel(Channel):
         if not self.api_base:
             return self.switch_off(f"FEISHU_DOMAIN must be feishu or lark, not {FEISHU_DOMAIN!r}")
         try:
-            self.server = ThreadingHTTPServer(("127.0.0.1", self.port), FeishuWebhook)
+            self.server = WebhookServer(("127.0.0.1", self.port), FeishuWebhook)
         except OSError as exc:
             return self.switch_off(f"cannot listen on 127.0.0.1:{self.port} ({exc.strerror}); "
                                    "set FEISHU_WEBHOOK_PORT to a free port")
-        self.server.channel, self.server.daemon_threads = self, True
+        self.server.channel = self
         threading.Thread(target=self.server.serve_forever, name="feishu-webhook", daemon=True).start()
         self.state, self.detail = "on", f"webhook on http://127.0.0.1:{self.port}/"
 
@@ -1815,8 +1821,12 @@ def main() -> int:
     for request in APPROVALS.pending():
         APPROVALS.answer(request["id"], "deny")  # nobody is left to answer it
     if bus.waiting:
-        print(dim(f"(letting {len(bus.waiting)} remote conversation(s) finish, at most {SHUTDOWN_GRACE:g} s)"))
-    bus.wait_until_idle(SHUTDOWN_GRACE)
+        print(dim(f"(letting {len(bus.waiting)} remote conversation(s) finish, at most {SHUTDOWN_GRACE:g} s; "
+                  "Ctrl-C to stop now)"))
+    try:
+        bus.wait_until_idle(SHUTDOWN_GRACE)
+    except KeyboardInterrupt:
+        pass
     for channel in channels.values():
         channel.stop()  # Telegram stops polling at once; the Feishu webhook closes
     print_held_lines()
