@@ -653,3 +653,13 @@ def test_leaving_denies_waiting_commands_and_lets_the_chat_hear_the_end(path, lo
     assert code == 0 and not (workspace / "late.txt").exists()
     assert texts(tg.sent)[-1] == "The operator left before approving; nothing was created."
     assert "remote conversation(s) finish" in out
+
+
+@pytest.mark.parametrize("domain, shown", [("lark", "API https://open.larksuite.com"),
+                                           ("feishu", "API https://open.feishu.cn"),
+                                           ("larksuite", "FEISHU_DOMAIN must be feishu or lark, not 'larksuite'")])
+def test_feishu_domain_picks_the_api(path, load, fake_api, monkeypatch, capsys, domain, shown):
+    env = {"FEISHU_APP_ID": "cli_x", "FEISHU_APP_SECRET": "s", "FEISHU_VERIFICATION_TOKEN": VERIFY,
+           "FEISHU_WEBHOOK_PORT": str(free_port()), "FEISHU_DOMAIN": domain}  # nothing is sent: no fake needed
+    code, out = drive_repl(load(path, **env), ["/channels"], monkeypatch, capsys)
+    assert code == 0 and shown in out

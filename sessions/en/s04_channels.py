@@ -1348,7 +1348,7 @@ class FeishuChannel(Channel):
                                    "set FEISHU_WEBHOOK_PORT to a free port")
         self.server.channel = self
         threading.Thread(target=self.server.serve_forever, name="feishu-webhook", daemon=True).start()
-        self.state, self.detail = "on", f"webhook on http://127.0.0.1:{self.port}/"
+        self.state, self.detail = "on", f"webhook on http://127.0.0.1:{self.port}/, API {self.api_base}"
 
     def handle_event(self, body) -> tuple[int, dict]:
         """Answer one webhook POST: (HTTP status, JSON body). Never raises."""
