@@ -63,7 +63,8 @@ SDK_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_PROFILE", "ANTHROPIC_CONFIG_DIR",
 def section_env_values(workspace: Path, base_url: str | None, **extra: str) -> dict[str, str]:
     """The variables a test run sets: all of .env.example (blank), then ours."""
     values = {name: "" for name in env_example_names()}
-    values.update({"WORKSPACE_DIR": str(workspace), "NO_COLOR": "1"})
+    # GATEWAY_PORT 0: each run's gateway (s05 on) takes a free port, so parallel tests never collide.
+    values.update({"WORKSPACE_DIR": str(workspace), "NO_COLOR": "1", "GATEWAY_PORT": "0"})
     if base_url is not None:
         values.update({"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key"})
     values.update(extra)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_anthropic import FakeAnthropic  # noqa: E402
 from harness import REPO, copy_workspace, isolated_env, run_section, section_files  # noqa: E402
-from transcripts import SHOWN_BASE_URL, SHOWN_WORKSPACE, TRANSCRIPTS  # noqa: E402
+from transcripts import SHOWN_BASE_URL, SHOWN_GATEWAY_PORT, SHOWN_TOKEN, SHOWN_WORKSPACE, TRANSCRIPTS  # noqa: E402
 
 
 def make_transcript(section: str) -> str:
@@ -27,6 +27,9 @@ def make_transcript(section: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             workspace = copy_workspace(Path(tmp) / "workspace")
             env = isolated_env(workspace, api.base_url, **script["env"])
+            for name, content in script.get("files", {}).items():  # files the learner wrote first
+                (workspace / name).write_text(content)
+                parts.append(f"$ cat workspace/{name}\n" + content.rstrip("\n"))
             for inputs in script.get("runs") or [script["inputs"]]:
                 run = run_section(path, inputs, env, cwd=REPO)
                 parts.append(command + "\n" + run.transcript.rstrip("\n"))
@@ -36,6 +39,9 @@ def make_transcript(section: str) -> str:
     finally:
         api.stop()
     text = text.replace(api.base_url, SHOWN_BASE_URL)
+    # From s05 on the gateway listens on a free port with a fresh token: show the defaults instead.
+    text = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{SHOWN_GATEWAY_PORT}", text)
+    text = re.sub(r"#token=[\w-]+", f"#token={SHOWN_TOKEN}", text)
     # Session ids and timestamps differ on every run: show fixed example values.
     text = re.sub(r"\b\d{8}-\d{6}-[0-9a-f]{4}\b", "20261121-093000-7f3a", text)
     text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", "2026-11-21T09:30:00+0000", text)

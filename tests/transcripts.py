@@ -14,6 +14,8 @@ from fake_anthropic import reply, tool_use
 # have; the replay runs against the local fake in a temporary workspace.
 SHOWN_BASE_URL = "https://api.anthropic.com"
 SHOWN_WORKSPACE = "/home/ada/agent-gateway/workspace"
+SHOWN_GATEWAY_PORT = 18789
+SHOWN_TOKEN = "q7Vd2Lh0sXbN4kTzR9wYcA1mJ6eUfP3gHiK8oS5tWnE"  # an example: each workspace makes its own
 
 
 def said(text="", tools=None, tokens=None):
@@ -67,6 +69,31 @@ TRANSCRIPTS = {
         "steps": [
             said("Here in the terminal, and in Telegram or Feishu chats once the operator connects those; "
                  "in a chat, I answer only people the operator has approved.", None, (1512, 36)),
+        ],
+        "env": {},
+    },
+    "s05": {
+        "files": {"gateway.json": """{
+  "version": 1,
+  "default_agent": "main",
+  "dm_scope": "per-channel-peer",
+  "agents": [
+    {"id": "main", "name": "Claw", "model": null,
+     "tools": ["bash", "read_file", "write_file", "edit_file", "list_dir"]},
+    {"id": "family", "name": "Family helper", "model": "claude-haiku-5", "tools": ["read_file"]}
+  ],
+  "bindings": [
+    {"agent": "family", "match": {"channel": "telegram", "group": "-1001"}},
+    {"agent": "main", "match": {"channel": "telegram", "peer": "42"}}
+  ],
+  "identity_links": {"ada": ["telegram:42", "feishu:ou_ada"]}
+}
+"""},
+        "inputs": ["/agents", "/bindings", "/route telegram 42", "/route telegram 42 - -1001", "/route telegram 7",
+                   "/route feishu ou_ada", "Hello! Which agent am I talking to?", "/gateway", "quit"],
+        "steps": [
+            said("Claw, the gateway's main agent: the terminal has no binding of its own, so it gets the default.",
+                 None, (1498, 24)),
         ],
         "env": {},
     },

@@ -1,0 +1,2541 @@
+#!/usr/bin/env python3
+"""s05 Gateway & routing: a WebSocket front door and a binding table.
+
+One list of messages, one loop. Each turn: append what the person typed,
+stream the model's reply to the terminal, then look at `stop_reason` to decide
+what the reply means. If the call fails, the turn is taken back out so the
+list stays one the API accepts.
+
+New here: when `stop_reason` is "tool_use", run each requested tool, send the
+results back as `tool_result` blocks, and ask again, until the model stops
+asking. Tools are a list of JSON schemas the model reads (TOOLS) and a dict
+from name to Python function (TOOL_HANDLERS). Every path stays inside the
+workspace, and shell commands that could change something wait for approval.
+
+New here: every message is appended to a JSONL file as it happens, and
+replayed at start-up, so a conversation survives a restart. Before each turn a
+ContextGuard counts the prompt; past a threshold of the model's window it asks
+the model to summarize the older part, keeps the recent part, and records the
+result, so the context never overflows.
+
+New here: the same agent answers on Telegram and Feishu too. Each platform's
+message becomes one InboundMessage; a message bus hands it to a worker thread,
+which runs the turn in that chat's own session and sends the reply back
+through the channel it came from. Only allow-listed or paired senders get
+through, and commands they ask for wait for the operator's approval here.
+
+New here: a binding table (workspace/gateway.json) decides which agent answers
+a message and in which session, most specific binding first; and a WebSocket
+gateway lets any program in through one door: JSON-RPC 2.0, a token on the
+first request, replies streamed as they are written. The same port serves a
+small chat page for the browser.
+
+Run:  python sessions/en/s05_gateway_routing.py
+"""
+import asyncio
+import fnmatch
+import json
+import os
+import queue
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import count
+from pathlib import Path
+
+import anthropic
+import httpx
+import telegram
+from dotenv import load_dotenv
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+try:
+    import readline  # noqa: F401  (arrow keys and history for input(), where available)
+except ImportError:
+    pass
+
+# --- Configuration ---------------------------------------------------------
+# .env sits at the repository root; variables already set in the environment win.
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+load_dotenv(REPO_ROOT / ".env")
+
+SECTION = "s05 Gateway & routing"
+MODEL_ID = os.getenv("MODEL_ID") or "claude-sonnet-5-5"
+API_KEY = os.getenv("ANTHROPIC_API_KEY") or ""
+BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
+MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
+SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
+WORKSPACE_DIR = Path(os.getenv("WORKSPACE_DIR") or REPO_ROOT / "workspace").resolve()
+STATE_DIR = WORKSPACE_DIR / ".state"
+MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
+BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
+BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
+MAX_TOOL_OUTPUT = 20_000    # characters of one tool result; the middle of longer output is cut
+AGENT_ID = "main"  # the default agent; gateway.json can name more
+SESSIONS_DIR = STATE_DIR / "sessions" / AGENT_ID
+CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens Claude Sonnet 5.5 reads at once
+COMPACT_THRESHOLD = float(os.getenv("COMPACT_THRESHOLD") or "0.75")  # compact past this share of the window
+TELEGRAM_BOT_TOKEN = os.getenv("TELEGRAM_BOT_TOKEN") or ""
+TELEGRAM_API_BASE = (os.getenv("TELEGRAM_API_BASE") or "https://api.telegram.org").rstrip("/")
+FEISHU_APP_ID = os.getenv("FEISHU_APP_ID") or ""
+FEISHU_APP_SECRET = os.getenv("FEISHU_APP_SECRET") or ""
+FEISHU_VERIFICATION_TOKEN = os.getenv("FEISHU_VERIFICATION_TOKEN") or ""
+FEISHU_WEBHOOK_PORT = int(os.getenv("FEISHU_WEBHOOK_PORT") or "18790")
+FEISHU_DOMAIN = os.getenv("FEISHU_DOMAIN") or "feishu"  # "lark" for Lark, Feishu's international edition
+FEISHU_API_BASE = (os.getenv("FEISHU_API_BASE") or "").rstrip("/")
+TELEGRAM_ALLOW_FROM = {x.strip() for x in (os.getenv("TELEGRAM_ALLOW_FROM") or "").split(",") if x.strip()}
+FEISHU_ALLOW_FROM = {x.strip() for x in (os.getenv("FEISHU_ALLOW_FROM") or "").split(",") if x.strip()}
+APPROVAL_TIMEOUT = float(os.getenv("APPROVAL_TIMEOUT") or "120")  # seconds a remote command waits for the operator
+GATEWAY_HOST = os.getenv("GATEWAY_HOST") or "127.0.0.1"
+GATEWAY_PORT = int(os.getenv("GATEWAY_PORT") or "18789")  # 0 picks a free port
+GATEWAY_TOKEN = os.getenv("GATEWAY_TOKEN") or ""  # empty: generated once into .state/gateway-token
+GATEWAY_ALLOWED_ORIGINS = [x.strip() for x in (os.getenv("GATEWAY_ALLOWED_ORIGINS") or "").split(",") if x.strip()]
+GATEWAY_FILE = WORKSPACE_DIR / "gateway.json"
+SYSTEM_PROMPT = ("You are a helpful assistant that people reach from a terminal or a chat app. Be concise. "
+                 f"You have tools to read and change files in your workspace ({WORKSPACE_DIR}) "
+                 "and to run shell commands there; paths are relative to it.")
+
+USE_COLOR = sys.stdout.isatty() and not os.getenv("NO_COLOR")
+
+
+def dim(text: str) -> str:
+    return f"\033[2m{text}\033[0m" if USE_COLOR else text
+
+
+# --- Output: who reads what ---------------------------------------------------
+# A turn for the terminal prints as before. A turn for a remote chat runs on a
+# worker thread; its words go back to that chat and only a dim log line
+# reaches the terminal. Deep in a turn (in bash's approval check, say) the
+# code must know which case it is in: the worker records the turn's Reply in
+# this thread-local, and the main thread (the terminal) never sets it.
+turn_context = threading.local()
+console_lock = threading.Lock()
+at_prompt = threading.Event()  # set while the REPL waits for the person to type
+held_lines: list[str] = []     # background lines that arrived while a terminal turn was printing
+PROMPT = "You > "
+
+
+def say(text: str = "", end: str = "\n") -> None:
+    """Words for the person this turn answers: printed at the terminal, or
+    collected into the reply that goes back to a remote chat."""
+    reply = getattr(turn_context, "reply", None)
+    if reply is None:
+        print(text, end=end, flush=True)
+    else:
+        reply.parts.append(text + end)
+        reply.channel.stream(reply.message, text + end)  # the gateway passes it on as it comes
+
+
+def note(text: str) -> None:
+    """A dim line for the operator at the terminal: tool calls, usage, warnings."""
+    if threading.current_thread() is threading.main_thread():
+        print(dim(text))
+        return
+    reply = getattr(turn_context, "reply", None)
+    print_in_background(dim(f"[{reply.message.session_key}] {text}" if reply else text))
+
+
+def print_in_background(line: str) -> None:
+    """Print a line from another thread without wrecking what the person types:
+    at the prompt, it goes above the prompt and the prompt is drawn again; while
+    a terminal turn is printing, it waits until that turn is done."""
+    with console_lock:
+        if not at_prompt.is_set():
+            held_lines.append(line)
+        elif sys.stdin.isatty() and "readline" in sys.modules:
+            sys.stdout.write(f"\r\033[K{line}\n{PROMPT}{readline.get_line_buffer()}")
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+
+
+def print_held_lines() -> None:
+    with console_lock:
+        for line in held_lines:
+            print(line)
+        held_lines.clear()
+
+
+def make_client() -> anthropic.Anthropic:
+    """The API client, or a one-sentence exit when nothing says where to send requests."""
+    if not API_KEY and not BASE_URL:
+        print("No API key: set ANTHROPIC_API_KEY in .env (copy .env.example to .env), "
+              "or set ANTHROPIC_BASE_URL to a local Anthropic-compatible server.", file=sys.stderr)
+        sys.exit(2)
+    # A local server ignores the key, but the SDK wants one to build its headers.
+    return anthropic.Anthropic(api_key=API_KEY or "local", base_url=BASE_URL or None,
+                               max_retries=SDK_MAX_RETRIES)
+
+
+# --- Errors, by type -------------------------------------------------------
+def describe_api_error(exc: anthropic.APIError) -> str:
+    """One readable line for a failed call, chosen by exception class and
+    `error.type`, never by searching the message text."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return f"The request to {BASE_URL or 'the API'} timed out. Try again."
+    if isinstance(exc, anthropic.APIConnectionError):
+        return f"Cannot reach {BASE_URL or 'api.anthropic.com'}: is the network or local server up?"
+    if not isinstance(exc, anthropic.APIStatusError):
+        return f"API error: {exc}"
+    kind = exc.type or ""  # `error.type` from the body; also set for errors sent mid-stream
+    if isinstance(exc, anthropic.AuthenticationError) or kind == "authentication_error":
+        return "The API rejected the key (401). Check ANTHROPIC_API_KEY in .env."
+    if isinstance(exc, anthropic.PermissionDeniedError) or kind == "permission_error":
+        return "This key may not use that model or feature (403)."
+    if isinstance(exc, anthropic.NotFoundError) or kind == "not_found_error":
+        return f"Not found (404): is MODEL_ID={MODEL_ID} a model this endpoint serves?"
+    if isinstance(exc, anthropic.RateLimitError) or kind == "rate_limit_error":
+        return "Rate limited (429): wait a moment, then send again."
+    if isinstance(exc, anthropic.OverloadedError) or kind == "overloaded_error":
+        return "The API is overloaded (529): try again in a moment."
+    if is_context_overflow(exc):
+        return "The conversation is too long for the model, even after compaction: /new starts a fresh one."
+    label = f"{exc.status_code} {kind}".strip()
+    return f"API error ({label}): {exc.api_message or exc.message}"
+
+
+# --- Tools: where they may reach ---------------------------------------------
+class ToolError(Exception):
+    """A failure the model should read and act on; sent back with is_error: true."""
+
+
+def safe_path(raw: str) -> Path:
+    """Resolve a path the model gave; refuse anything outside the workspace.
+
+    resolve() follows symlinks first, so a link that points outside is caught
+    by the same is_relative_to check as "../x" or "/etc/passwd".
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        raise ToolError("path must be a non-empty string, relative to the workspace")
+    try:
+        path = (WORKSPACE_DIR / raw).resolve()
+    except (OSError, ValueError) as exc:
+        raise ToolError(f"bad path {raw!r}: {exc}")
+    if not path.is_relative_to(WORKSPACE_DIR):
+        raise ToolError(f"{raw!r} is outside the workspace; use a path inside {WORKSPACE_DIR}")
+    if path.is_relative_to(STATE_DIR) or path.name == ".env":
+        raise ToolError(f"{raw!r} is private to the gateway (.state/ and .env are off limits)")
+    return path
+
+
+def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
+    """Keep the head and the tail of long output, and say how much was cut."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 2 // 3], text[-(limit // 3):]
+    cut = len(text) - len(head) - len(tail)
+    return f"{head}\n\n[... {cut} characters cut from the middle of {len(text)} ...]\n\n{tail}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target:
+    a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_text(path: Path, raw: str) -> str:
+    if not path.exists():
+        raise ToolError(f"file not found: {raw}")
+    if path.is_dir():
+        raise ToolError(f"{raw} is a directory; use list_dir")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ToolError(f"{raw} is not a UTF-8 text file")
+
+
+# --- Tools: the handlers -------------------------------------------------------
+def read_file(path: str) -> str:
+    return truncate(read_text(safe_path(path), path))
+
+
+def write_file(path: str, content: str) -> str:
+    target = safe_path(path)
+    if target.is_dir():
+        raise ToolError(f"{path} is a directory")
+    write_atomic(target, content)
+    return f"wrote {len(content.encode('utf-8'))} bytes to {path}"
+
+
+def edit_file(path: str, old_text: str, new_text: str) -> str:
+    target = safe_path(path)
+    text = read_text(target, path)
+    count = text.count(old_text) if old_text else 0
+    if count == 0:
+        raise ToolError(f"old_text not found in {path}; read the file and quote it exactly")
+    if count > 1:
+        raise ToolError(f"old_text occurs {count} times in {path}; include more context so it is unique")
+    write_atomic(target, text.replace(old_text, new_text, 1))
+    return f"edited {path}: replaced 1 occurrence"
+
+
+def list_dir(path: str = ".") -> str:
+    target = safe_path(path)
+    if not target.is_dir():
+        raise ToolError(f"not a directory: {path}")
+    lines = []
+    for entry in sorted(target.iterdir()):
+        if entry.name in (".state", ".env"):
+            continue  # private to the gateway; not even their names are shown
+        if entry.is_dir():
+            lines.append(f"{entry.name}/")
+        else:
+            lines.append(f"{entry.name}  ({entry.stat().st_size} bytes)")
+    return "\n".join(lines) or "(empty)"
+
+
+# --- Exec approvals ------------------------------------------------------------
+APPROVALS_FILE = STATE_DIR / "exec-approvals.json"
+APPROVAL_PROMPT = "  Allow? [o]nce / [a]lways / [d]eny > "
+# Commands that only read. They run without asking, but only in their plain
+# form: no shell operators or globs, and every argument that could be a path
+# must pass the same safe_path() check as the file tools. `cat ../.env` is a
+# read, and exactly what must not happen; so is `cat link/secret` when "link"
+# is a symlink that points out of the workspace.
+READ_ONLY_COMMANDS = {"ls", "cat", "head", "tail", "wc", "grep", "pwd", "echo", "date", "stat", "du", "file"}
+SHELL_OPERATORS = re.compile(r"[;&|<>`$(){}\n\\]")
+GLOB_CHARACTERS = re.compile(r"[*?\[]")
+LINK_FOLLOWING_FLAGS = {"-R", "-L", "--dereference", "--dereference-recursive"}
+# Refused outright, whatever the person answers. A denylist is not a security
+# boundary (there are endless ways to spell a command); it only catches the
+# obvious disasters. The boundary is the approval prompt.
+DANGEROUS_PATTERNS = [
+    (r"\brm\s+(-\w*\s+)*-\w*[rR]\w*\s+(-\w+\s+)*(/|~|\*|\.{1,2}/?)(\s|$)", "recursive delete of /, ~, . or *"),
+    (r"\bmkfs(\.\w+)?\b", "formats a file system"),
+    (r"\bdd\b.*\bof=/dev/", "writes a raw device"),
+    (r">\s*/dev/(sd|nvme|hd|disk)", "overwrites a disk device"),
+    (r":\(\)\s*\{\s*:\|:&\s*\};:", "fork bomb"),
+    (r"\b(shutdown|reboot|halt|poweroff)\b", "stops the machine"),
+    (r"\b(curl|wget)\b[^|]*\|\s*(sudo\s+)?(ba|z)?sh\b", "runs a script straight from the network"),
+    (r"\bchmod\s+(-\w+\s+)*-R\s+\d*7\d*\s+/", "opens up permissions across the system"),
+]
+
+
+def dangerous_reason(command: str) -> str | None:
+    for pattern, reason in DANGEROUS_PATTERNS:
+        if re.search(pattern, command):
+            return reason
+    return None
+
+
+def is_read_only(command: str) -> bool:
+    if SHELL_OPERATORS.search(command) or GLOB_CHARACTERS.search(command):
+        return False
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    if not words or words[0] not in READ_ONLY_COMMANDS:
+        return False
+    for word in words[1:]:
+        if word in LINK_FOLLOWING_FLAGS:
+            return False
+        if word.startswith("-") and "=" not in word:
+            continue  # a plain flag such as -n
+        value = word.split("=", 1)[1] if word.startswith("-") else word
+        if value.startswith("~"):
+            return False  # bash expands ~ to the home folder
+        try:
+            safe_path(value)
+        except ToolError:
+            return False
+    return True
+
+
+def load_approvals() -> list[str]:
+    """The stored "always" patterns. A file that cannot be read is moved aside, not lost."""
+    if not APPROVALS_FILE.exists():
+        return []
+    try:
+        data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
+        return [str(p) for p in data["always"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{int(time.time())}.json")
+        APPROVALS_FILE.replace(aside)
+        print(dim(f"[approvals] {APPROVALS_FILE} is not valid ({exc}); moved it to {aside.name}"))
+        return []
+
+
+def save_approval(pattern: str) -> None:
+    patterns = load_approvals()
+    if pattern not in patterns:
+        patterns.append(pattern)
+    write_atomic(APPROVALS_FILE, json.dumps({"version": 1, "always": patterns}, indent=2) + "\n")
+
+
+def approval_pattern(command: str) -> str:
+    """The glob stored for "always": the program and its first argument, then *.
+    "git status -s" -> "git status*"; "mkdir -p out" -> "mkdir -p*"."""
+    return " ".join(command.split()[:2]) + "*"
+
+
+def ask_person(command: str) -> str:
+    """Ask at the terminal. Anything but o or a (including Ctrl-D) is a deny."""
+    print(f"  The model wants to run: {command}")
+    print(f"  (always would allow every command matching {approval_pattern(command)!r})")
+    try:
+        answer = input(APPROVAL_PROMPT).strip().lower()
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return "deny"
+    return {"o": "once", "once": "once", "a": "always", "always": "always"}.get(answer, "deny")
+
+
+def check_command(command: str) -> None:
+    """Raise ToolError unless this command may run now."""
+    reason = dangerous_reason(command)
+    if reason:
+        raise ToolError(f"refused: this command {reason}. It is never run, even with approval.")
+    if is_read_only(command):
+        return
+    # A stored pattern never covers shell operators: "git status*" must not let
+    # "git status; rm -r notes" through.
+    if not SHELL_OPERATORS.search(command) and any(fnmatch.fnmatchcase(command, p) for p in load_approvals()):
+        return
+    # Asked for from a remote chat: the operator answers at the terminal (ApprovalQueue, below).
+    reply = getattr(turn_context, "reply", None)
+    answer = ask_person(command) if reply is None else APPROVALS.ask(command, reply)
+    if answer == "always":
+        pattern = approval_pattern(command)
+        save_approval(pattern)
+        note(f"  (stored {pattern!r} in {APPROVALS_FILE.name})")
+    elif answer == "deny":
+        raise ToolError("the person denied this command. Do not retry it; ask them what they want instead.")
+    elif answer == "timeout":
+        raise ToolError(f"nobody approved this command within {APPROVAL_TIMEOUT:g} s, so it did not run. "
+                        "Do not retry it now.")
+
+
+def child_environment() -> dict:
+    """The environment for shell commands, minus anything that looks like a secret."""
+    secret = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
+    return {k: v for k, v in os.environ.items() if not secret.search(k)}
+
+
+def bash(command: str, timeout: float | None = None) -> str:
+    check_command(command)
+    limit = min(float(timeout or BASH_TIMEOUT), BASH_MAX_TIMEOUT)
+    # A new session makes the command the leader of its own process group, so
+    # on timeout one killpg() stops it and every child it started.
+    proc = subprocess.Popen(["bash", "-c", command], cwd=WORKSPACE_DIR, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_environment(),
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=limit)
+        status = f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            output, _ = proc.communicate(timeout=1)
+        except subprocess.TimeoutExpired:  # a child that left the group still holds the pipe
+            output = b""
+        status = f"timed out after {limit:g}s; the command and its children were killed"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing it started outlives it
+        except ProcessLookupError:
+            pass
+    text = output.decode("utf-8", errors="replace")
+    return truncate(f"{status}\n{text}" if text else status)
+
+
+# --- Tools: what the model sees, and the dispatch table ------------------------
+TOOLS = [
+    {"name": "bash", "description": "Run a shell command in the workspace and return its exit code and output. "
+     "Commands that change things wait for the person's approval.",
+     "input_schema": {"type": "object", "properties": {
+         "command": {"type": "string", "description": "The command line, run with bash -c."},
+         "timeout": {"type": "number", "description": f"Seconds before it is killed (default {BASH_TIMEOUT:g}, "
+                     f"at most {BASH_MAX_TIMEOUT})."}},
+         "required": ["command"]}},
+    {"name": "read_file", "description": "Read a UTF-8 text file in the workspace.",
+     "input_schema": {"type": "object", "properties": {
+         "path": {"type": "string", "description": "Path relative to the workspace."}},
+         "required": ["path"]}},
+    {"name": "write_file", "description": "Create or overwrite a text file in the workspace.",
+     "input_schema": {"type": "object", "properties": {
+         "path": {"type": "string", "description": "Path relative to the workspace."},
+         "content": {"type": "string", "description": "The whole new content."}},
+         "required": ["path", "content"]}},
+    {"name": "edit_file", "description": "Replace one exact, unique piece of text in a file.",
+     "input_schema": {"type": "object", "properties": {
+         "path": {"type": "string", "description": "Path relative to the workspace."},
+         "old_text": {"type": "string", "description": "Text that occurs exactly once in the file."},
+         "new_text": {"type": "string", "description": "What replaces it."}},
+         "required": ["path", "old_text", "new_text"]}},
+    {"name": "list_dir", "description": "List a folder of the workspace.",
+     "input_schema": {"type": "object", "properties": {
+         "path": {"type": "string", "description": "Folder relative to the workspace (default: the root)."}},
+         "required": []}},
+]
+TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file, "edit_file": edit_file,
+                 "list_dir": list_dir}
+JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "object": dict}
+
+
+def check_arguments(name: str, tool_input: dict) -> None:
+    """Compare the model's arguments with the tool's schema before calling it."""
+    schema = next(t["input_schema"] for t in TOOLS if t["name"] == name)
+    if not isinstance(tool_input, dict):
+        raise ToolError(f"{name} takes an object of arguments")
+    missing = [k for k in schema["required"] if k not in tool_input]
+    unknown = [k for k in tool_input if k not in schema["properties"]]
+    if missing or unknown:
+        raise ToolError(f"{name}: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
+                        f"it takes {list(schema['properties'])}")
+    for key, value in tool_input.items():
+        expected = schema["properties"][key]["type"]
+        if not isinstance(value, JSON_TYPES[expected]) or (expected == "number" and isinstance(value, bool)):
+            raise ToolError(f"{name}: {key} must be a {expected}")
+
+
+def run_tool(name: str, tool_input: dict, allowed: list | None = None) -> tuple[str, bool]:
+    """Run one tool call. Returns (content, is_error); never raises for a tool's failure.
+    `allowed` is the agent's tool list: a tool it does not have is refused like an unknown one."""
+    if name not in TOOL_HANDLERS or (allowed is not None and name not in allowed):
+        return f"unknown tool {name!r}; the tools are {', '.join(allowed or TOOL_HANDLERS)}", True
+    try:
+        check_arguments(name, tool_input)
+        return TOOL_HANDLERS[name](**tool_input), False
+    except ToolError as exc:
+        return str(exc), True
+    except OSError as exc:
+        return f"{name} failed: {exc.strerror or exc}", True
+    except Exception as exc:  # a bug in a handler still answers the tool_use
+        return f"{name} crashed: {type(exc).__name__}: {exc}", True
+
+
+def preview(text: str) -> str:
+    lines = text.splitlines() or [""]
+    first = lines[0] if len(lines[0]) <= 80 else lines[0][:77] + "..."
+    return first + (f"  (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
+
+
+def run_tool_calls(content: list, allowed: list | None = None) -> tuple[list, bool]:
+    """Answer every tool_use block with a tool_result, in order.
+
+    Ctrl-C stops the tool that is running and skips the rest, but each call
+    still gets its result, so the history stays one the API accepts.
+    Returns (tool_result blocks, interrupted).
+    """
+    results, interrupted = [], False
+    for block in content:
+        if block.type != "tool_use":
+            continue
+        if interrupted:
+            text, is_error = "not run: the person interrupted the turn", True
+        else:
+            args = json.dumps(block.input, ensure_ascii=False)
+            note(f"  → {block.name} {args if len(args) <= 100 else args[:97] + '...'}")
+            try:
+                text, is_error = run_tool(block.name, block.input, allowed)
+            except KeyboardInterrupt:
+                text, is_error, interrupted = "interrupted by the person", True, True
+            note(f"  {'✗' if is_error else '←'} {preview(text)}")
+        results.append({"type": "tool_result", "tool_use_id": block.id, "content": text or "(no output)",
+                        "is_error": is_error})
+    return results, interrupted
+
+
+# --- Sessions: append on write, replay on read ---------------------------------
+def is_valid_message(message) -> bool:
+    return (isinstance(message, dict) and message.get("role") in ("user", "assistant")
+            and isinstance(message.get("content"), (str, list)) and bool(message["content"]))
+
+
+def add_message(messages: list, message: dict) -> None:
+    """Append while replaying. Two user lines in a row are one message that grew
+    (add_user_text joined the person's words to the tool results): join them."""
+    if messages and messages[-1]["role"] == message["role"] == "user":
+        joined = as_blocks(messages[-1]["content"]) + as_blocks(message["content"])
+        messages[-1] = {"role": "user", "content": joined}
+    else:
+        messages.append(message)
+
+
+def tool_use_ids(message: dict) -> list:
+    return [b["id"] for b in as_blocks(message["content"]) if b.get("type") == "tool_use"]
+
+
+def repair_history(messages: list) -> tuple[list, list]:
+    """Make a replayed history one the API accepts; return it with notes on what changed.
+
+    Lines lost to corruption can leave a tool_use without its result, a result
+    without its call, or two messages of one role in a row. Nothing that is
+    whole is dropped: missing results are filled in as errors.
+    """
+    notes, fixed = [], []
+    for message in messages:
+        blocks = [b for b in as_blocks(message["content"]) if b.get("type") != "text" or b.get("text")]
+        if message["role"] == "user":
+            previous = fixed[-1] if fixed and fixed[-1]["role"] == "assistant" else None
+            expected = set(tool_use_ids(previous)) if previous else set()
+            orphans = [b for b in blocks if b.get("type") == "tool_result" and b.get("tool_use_id") not in expected]
+            if orphans:
+                notes.append(f"dropped {len(orphans)} tool result(s) whose call was lost")
+                blocks = [b for b in blocks if b not in orphans]
+        if not blocks or (not fixed and message["role"] == "assistant"):
+            continue
+        content = message["content"] if blocks == as_blocks(message["content"]) else blocks
+        if fixed and fixed[-1]["role"] == message["role"]:
+            fixed[-1] = {"role": message["role"], "content": as_blocks(fixed[-1]["content"]) + blocks}
+        else:
+            fixed.append({"role": message["role"], "content": content})
+    for i, message in enumerate(fixed):
+        if message["role"] != "assistant" or not tool_use_ids(message):
+            continue
+        if i + 1 == len(fixed):
+            fixed.append({"role": "user", "content": []})
+        answer = as_blocks(fixed[i + 1]["content"])
+        answered = {b.get("tool_use_id") for b in answer if b.get("type") == "tool_result"}
+        missing = [tid for tid in tool_use_ids(message) if tid not in answered]
+        if missing:
+            notes.append(f"answered {len(missing)} tool call(s) that had no result")
+            filler = [{"type": "tool_result", "tool_use_id": tid, "is_error": True,
+                       "content": "no result: the gateway stopped before this tool finished"} for tid in missing]
+            fixed[i + 1] = {"role": "user", "content": filler + answer}
+    return fixed, notes
+
+
+class Session:
+    """One conversation: its id, its messages, and the store that keeps them."""
+
+    def __init__(self, store: "SessionStore", session_id: str, messages: list):
+        self.store, self.id, self.messages = store, session_id, messages
+
+    def save(self) -> None:
+        self.store.sync(self)
+
+    def replace(self, messages: list, reason: str) -> None:
+        """Swap in a rewritten history (a compaction) and record it as a snapshot."""
+        self.messages[:] = messages
+        self.store.write_snapshot(self, reason)
+
+
+class SessionStore:
+    """One append-only JSONL file per session, plus an index written atomically.
+
+    Each line is one record: {"type": "message", "message": {...}} appends a
+    message; {"type": "snapshot", "messages": [...]} replaces the history so far
+    (written by a compaction). Replaying the lines in order rebuilds the list.
+    The index also maps each remote chat's key to its session ("keys").
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.index_path = root / "sessions.json"
+        self.saved: dict[str, list] = {}  # session id -> the messages as last written
+        self.by_key: dict[str, Session] = {}  # remote chats' sessions, open in memory
+        self.lock = threading.RLock()  # worker threads and the terminal share the index
+        root.mkdir(parents=True, exist_ok=True)
+        self.index = self.load_index()
+
+    def load_index(self) -> dict:
+        """The index, or one rebuilt from the session files if it is missing or unreadable."""
+        try:
+            index = json.loads(self.index_path.read_text(encoding="utf-8"))
+            if isinstance(index.get("sessions"), dict):
+                return index
+            raise ValueError("no 'sessions' object")
+        except FileNotFoundError:
+            index = {"current": None, "sessions": {}}
+        except (ValueError, AttributeError) as exc:
+            aside = self.index_path.with_name(f"sessions.corrupt-{int(time.time())}.json")
+            self.index_path.replace(aside)
+            print(dim(f"[sessions] {self.index_path} is not valid ({exc}); moved it to {aside.name}, rebuilding"))
+            index = {"current": None, "sessions": {}}
+        index.setdefault("keys", {})
+        for path in sorted(self.root.glob("*.jsonl")):  # files the index does not know yet
+            index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso(), "updated": now_iso(),
+                                                     "messages": None})
+        return index
+
+    def write_index(self) -> None:
+        with self.lock:
+            write_atomic(self.index_path, json.dumps(self.index, indent=2, ensure_ascii=False) + "\n")
+
+    def path(self, session_id: str) -> Path:
+        return self.root / f"{session_id}.jsonl"
+
+    def create(self, label: str | None = None, key: str | None = None) -> Session:
+        session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        self.path(session_id).touch()
+        with self.lock:
+            self.index["sessions"][session_id] = {"label": label, "created": now_iso(), "updated": now_iso(),
+                                                  "messages": 0}
+            if key is None:
+                self.index["current"] = session_id  # the terminal resumes this one next time
+            else:
+                self.index["keys"][key] = session_id
+            self.write_index()
+        self.saved[session_id] = []
+        return Session(self, session_id, [])
+
+    def for_key(self, key: str, fresh: bool = False) -> Session:
+        """The session of one remote chat, opened once and kept in memory; created
+        on first contact, or anew when `fresh` (the chat sent /new)."""
+        with self.lock:
+            if key in self.by_key and not fresh:
+                return self.by_key[key]
+            session_id = self.index["keys"].get(key)
+            if fresh or session_id is None or not self.path(session_id).exists():
+                session = self.create(key, key=key)
+            else:
+                session = Session(self, session_id, self.replay(session_id))
+                self.remember(session_id, session.messages)
+            self.by_key[key] = session
+            return session
+
+    def open(self, session_id: str) -> Session:
+        messages = self.replay(session_id)
+        self.remember(session_id, messages)
+        self.index["current"] = session_id
+        self.write_index()
+        return Session(self, session_id, messages)
+
+    def resume(self) -> Session:
+        """The session used last, or a new one."""
+        current = self.index.get("current")
+        if current in self.index["sessions"] and self.path(current).exists():
+            return self.open(current)
+        return self.create()
+
+    def replay(self, session_id: str) -> list:
+        path, messages = self.path(session_id), []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    kind = record["type"]
+                except (ValueError, KeyError, TypeError):
+                    note(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line")
+                    continue
+                if kind == "message" and is_valid_message(record.get("message")):
+                    add_message(messages, record["message"])
+                elif kind == "snapshot" and isinstance(record.get("messages"), list):
+                    messages = [m for m in record["messages"] if is_valid_message(m)]
+                else:
+                    note(f"[sessions] {path.name}:{number}: skipped a record of unknown shape")
+        messages, notes = repair_history(messages)
+        for problem in notes:
+            note(f"[sessions] {path.name}: {problem}")
+        return messages
+
+    def append(self, session_id: str, records: list) -> None:
+        """Append records, one JSON object a line, and fsync: a crash can tear only the last line."""
+        path = self.path(session_id)
+        torn = False
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        with open(path, "ab") as f:
+            if torn:
+                f.write(b"\n")  # end a torn line, so it cannot swallow the next record
+            for record in records:
+                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def sync(self, session: Session) -> None:
+        """Append what is new since the last write. Messages are only ever added at
+        the end, except that the open user message may grow; its new blocks are
+        written as one more user line, which replay joins back on."""
+        saved, messages = self.saved.get(session.id, []), session.messages
+        n = len(saved)
+        appendable = len(messages) >= n and (n == 0 or messages[:n - 1] == saved[:n - 1])
+        records = []
+        if appendable and n and messages[n - 1] != saved[n - 1]:
+            old, new = as_blocks(saved[n - 1]["content"]), as_blocks(messages[n - 1]["content"])
+            appendable = messages[n - 1]["role"] == "user" and new[:len(old)] == old
+            records.append({"type": "message", "ts": now_iso(), "message": {"role": "user", "content": new[len(old):]}})
+        if not appendable:
+            return self.write_snapshot(session, "rewrite")  # not an append: record the whole list
+        records += [{"type": "message", "ts": now_iso(), "message": m} for m in messages[n:]]
+        if records:
+            self.append(session.id, records)
+            self.remember(session.id, messages)
+            self.touch(session)
+
+    def remember(self, session_id: str, messages: list) -> None:
+        """Keep a deep copy of what is on disk now, so sync() can tell what is new."""
+        self.saved[session_id] = json.loads(json.dumps(messages))
+
+    def write_snapshot(self, session: Session, reason: str) -> None:
+        self.append(session.id, [{"type": "snapshot", "ts": now_iso(), "reason": reason,
+                                  "messages": session.messages}])
+        self.remember(session.id, session.messages)
+        self.touch(session)
+
+    def touch(self, session: Session) -> None:
+        with self.lock:
+            entry = self.index["sessions"].setdefault(session.id, {"label": None, "created": now_iso()})
+            entry.update(updated=now_iso(), messages=len(session.messages))
+            self.write_index()
+
+    def find(self, query: str) -> list[str]:
+        """Session ids matching an id, an id prefix, or a label prefix (any case).
+        A remote chat's current session is left out: that chat is still using it."""
+        q, remote = query.lower(), set(self.index["keys"].values())
+        return [sid for sid, entry in self.index["sessions"].items() if sid not in remote and
+                (sid == query or sid.startswith(query) or (entry.get("label") or "").lower().startswith(q))]
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# --- Context: count, and summarize before it overflows --------------------------
+SUMMARY_PREFIX = "[Summary of the earlier part of this conversation, written when it was compacted]"
+SUMMARY_PROMPT = ("You summarize conversations between a person and an assistant with tools. Keep every fact, "
+                  "decision, file name, open task and preference that later turns may need. Be brief.")
+
+
+def estimate_tokens(messages: list) -> int:
+    """A rough count when the API cannot count: about three characters a token, erring high."""
+    characters = len(json.dumps(messages, ensure_ascii=False)) + len(SYSTEM_PROMPT) + len(json.dumps(TOOLS))
+    return characters // 3
+
+
+def is_context_overflow(exc: anthropic.APIError) -> bool:
+    """The API's overflow signal: a 400 invalid_request_error whose message begins
+    "prompt is too long". The type narrows it first; the message prefix is the
+    documented way to tell this 400 from the others."""
+    return (isinstance(exc, anthropic.BadRequestError) and exc.type == "invalid_request_error"
+            and (exc.api_message or "").lower().startswith("prompt is too long"))
+
+
+def render_for_summary(messages: list) -> str:
+    """The older part as plain text: tool calls and results shortened, so it fits one request."""
+    lines = []
+    for message in messages:
+        for block in as_blocks(message["content"]):
+            if block.get("type") == "text":
+                lines.append(f"{message['role'].title()}: {block['text']}")
+            elif block.get("type") == "tool_use":
+                lines.append(f"Assistant called {block['name']} {json.dumps(block['input'])[:500]}")
+            elif block.get("type") == "tool_result":
+                lines.append(f"Tool result: {str(block.get('content'))[:1000]}")
+    return truncate("\n".join(lines), limit=CONTEXT_WINDOW * 2)
+
+
+class ContextGuard:
+    """Keeps the prompt below COMPACT_THRESHOLD of the model's window.
+
+    Counting uses the API's count_tokens endpoint; a local server without it
+    gets a character estimate instead (once it answers 404, it is not asked again).
+    """
+
+    def __init__(self, client: anthropic.Anthropic):
+        self.client = client
+        self.can_count = True
+
+    @property
+    def limit(self) -> int:
+        return int(CONTEXT_WINDOW * COMPACT_THRESHOLD)
+
+    def count(self, messages: list) -> tuple[int, str]:
+        if self.can_count:
+            try:
+                counted = self.client.messages.count_tokens(model=MODEL_ID, system=SYSTEM_PROMPT, tools=TOOLS,
+                                                            messages=messages)
+                return counted.input_tokens, "counted by the API"
+            except anthropic.APIStatusError as exc:
+                if exc.status_code in (404, 405, 501):
+                    self.can_count = False  # this endpoint has no token counting
+            except anthropic.APIConnectionError:
+                pass
+        return estimate_tokens(messages), "estimated from characters"
+
+    def check(self, session: Session, user_text: str) -> None:
+        """Before a turn: compact if the prompt, with the new words, would pass the limit."""
+        probe = list(session.messages)
+        add_user_text(probe, user_text)
+        tokens, _ = self.count(probe)
+        if tokens > self.limit:
+            self.compact(session, f"{tokens} tokens is over the limit of {self.limit}")
+
+    def cut_point(self, messages: list) -> int | None:
+        """Where the recent part starts: at an assistant message, so a tool_use and
+        its tool_result always land on the same side. The recent part keeps up to
+        a quarter of the limit; at least the last assistant message is kept."""
+        candidates = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+        for i in candidates:
+            if estimate_tokens(messages[i:]) <= self.limit // 4:
+                return i
+        return candidates[-1] if candidates else None
+
+    def compact(self, session: Session, why: str) -> bool:
+        """Summarize the older part with the model, keep the recent part, record a snapshot."""
+        messages = session.messages
+        cut = self.cut_point(messages)
+        if cut is None:
+            note("[context] nothing to compact yet")
+            return False
+        note(f"[context] compacting ({why}): summarizing {cut} older messages")
+        try:
+            reply = self.client.messages.create(model=MODEL_ID, max_tokens=2048, system=SUMMARY_PROMPT,
+                                                messages=[{"role": "user", "content": render_for_summary(
+                                                    messages[:cut])}])
+        except anthropic.APIError as exc:
+            say(f"Compaction failed: {describe_api_error(exc)}")
+            return False
+        except KeyboardInterrupt:
+            print("\n(compaction interrupted; the session is as it was)")
+            return False
+        summary = "".join(b.text for b in reply.content if b.type == "text").strip()
+        if not summary:
+            say("Compaction failed: the model returned an empty summary.")
+            return False
+        before = len(messages)
+        session.replace([{"role": "user", "content": f"{SUMMARY_PREFIX}\n{summary}"}] + messages[cut:], "compaction")
+        note(f"[context] compacted: {before} messages -> {len(session.messages)}")
+        return True
+
+
+# --- The agent loop --------------------------------------------------------
+def stream_reply(client: anthropic.Anthropic, messages: list,
+                 agent: "Agent | None" = None) -> anthropic.types.Message:
+    """Send the conversation; print text as it arrives; return the whole message.
+    An agent from gateway.json brings its own model and its own tools."""
+    model, tools = (agent.model, agent.tool_schemas()) if agent else (MODEL_ID, TOOLS)
+    with client.messages.stream(model=model, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
+                                tools=tools, messages=messages) as stream:
+        for text in stream.text_stream:
+            say(text, end="")
+        return stream.get_final_message()
+
+
+def print_usage(message: anthropic.types.Message) -> None:
+    u = message.usage
+    cached = u.cache_read_input_tokens or 0
+    note(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
+         f" · stop {message.stop_reason}]")
+
+
+def assistant_content(message: anthropic.types.Message) -> list:
+    """The reply as history blocks: text and tool_use, never an empty text block."""
+    blocks = []
+    for block in message.content:
+        if block.type == "text" and block.text:
+            blocks.append({"type": "text", "text": block.text})
+        elif block.type == "tool_use":
+            blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
+    return blocks
+
+
+def as_blocks(content) -> list:
+    """Message content as a list of blocks (the API also accepts a plain string)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def add_user_text(messages: list, user_text: str) -> None:
+    """Append the person's words. After an interrupted tool exchange the history
+    already ends with a user message (the tool results): join it, so roles alternate."""
+    if messages and messages[-1]["role"] == "user":
+        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
+        messages[-1] = {"role": "user", "content": joined}
+    else:
+        messages.append({"role": "user", "content": user_text})
+
+
+def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
+               guard: ContextGuard | None = None, agent: "Agent | None" = None) -> str | None:
+    """One turn: as many model calls as the tools need. Returns the reply text, or
+    None when the turn ended early (rolled back to the last consistent point).
+    The session is saved at every consistent point. `agent` picks model and tools."""
+    guard = guard or ContextGuard(client)
+    guard.check(session, user_text)
+    messages = session.messages
+    consistent = list(messages)  # the last point at which the history is whole
+    add_user_text(messages, user_text)
+    words_pending = True  # the person's words are not part of `consistent` yet
+    compacted_once = False
+    for _ in range(MAX_TOOL_ROUNDS):
+        try:
+            message = stream_reply(client, messages, agent)
+        except anthropic.APIError as exc:
+            messages[:] = consistent  # roll back to the last consistent point
+            if is_context_overflow(exc) and not compacted_once:
+                compacted_once = True
+                if compact_and_retry(session, guard, consistent, user_text, words_pending):
+                    continue
+            say(f"\n{describe_api_error(exc)}")
+            return None
+        except KeyboardInterrupt:
+            messages[:] = consistent
+            print("\n(interrupted; that turn was dropped)")
+            return None
+        text = "".join(block.text for block in message.content if block.type == "text")
+        if text:
+            say()  # end the streamed line
+        print_usage(message)
+        reason = message.stop_reason
+        if reason == "model_context_window_exceeded" and not compacted_once:
+            compacted_once = True
+            if compact_and_retry(session, guard, consistent, user_text, words_pending):
+                continue
+        if reason == "tool_use":
+            results, interrupted = run_tool_calls(message.content, agent.tools if agent else None)
+            # The call and its results join the history together: it is whole again.
+            messages.append({"role": "assistant", "content": assistant_content(message)})
+            messages.append({"role": "user", "content": results})
+            consistent = list(messages)
+            words_pending = False
+            session.save()
+            if interrupted:
+                print("(interrupted; what the tools did so far is kept in the history)")
+                return None
+            continue
+        reply = finish_turn(messages, consistent, message, text)
+        session.save()
+        return reply
+    say(f"(stopped after {MAX_TOOL_ROUNDS} model calls in one turn; send a message to let it go on)")
+    return None
+
+
+def compact_and_retry(session: Session, guard: ContextGuard, consistent: list, user_text: str,
+                      words_pending: bool) -> bool:
+    """The API said the prompt is too long: compact the consistent history, put
+    the person's words back if they were not in it yet, and let the turn retry once."""
+    as_it_was = list(session.messages)
+    session.messages[:] = consistent
+    if not guard.compact(session, "the model's context window overflowed"):
+        session.messages[:] = as_it_was  # no retry: the caller goes on from where it was
+        return False
+    consistent[:] = session.messages
+    if words_pending:
+        add_user_text(session.messages, user_text)
+    return True
+
+
+def finish_turn(messages: list, consistent: list, message: anthropic.types.Message, text: str) -> str | None:
+    """Keep a final reply that has text and ended normally or was cut off; drop anything else."""
+    reason = message.stop_reason
+    if reason == "refusal":
+        say("(the model declined to answer; that turn was dropped)")
+    elif not text:
+        say(f"(empty reply, stop reason {reason}; that turn was dropped)")
+    else:
+        if reason == "max_tokens":
+            say(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
+        elif reason != "end_turn":
+            say(f"(stopped: {reason})")
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        return text
+    messages[:] = consistent  # an unusable reply: back to the last consistent point
+    return None
+
+
+# --- Channels: every platform becomes one InboundMessage -------------------------
+@dataclass
+class InboundMessage:
+    """One message from any platform, in one shape. Past the channel that made
+    it, nothing looks at a platform's own format again (it stays in `raw`)."""
+    channel: str                # "terminal", "telegram", "feishu"
+    account: str                # which bot or app received it
+    peer: str                   # where the reply goes: a chat, or the sender of a direct message
+    sender: str                 # who wrote it: the platform's id for the person
+    text: str
+    sender_name: str = ""
+    is_group: bool = False      # a group chat, or a direct one
+    thread: str | None = None   # a Telegram forum topic
+    media: str | None = None    # "photo", "file"...: a note that something came along with the words
+    raw: dict = field(default_factory=dict, repr=False)
+    via: str = ""               # "webchat": came through the gateway (token-checked), which also answers it
+
+    @property
+    def session_key(self) -> str:
+        """One session per chat: "telegram:direct:42", "feishu:group:oc_7", "telegram:group:-100:topic:3"."""
+        key = f"{self.channel}:{'group' if self.is_group else 'direct'}:{self.peer}"
+        return f"{key}:topic:{self.thread}" if self.thread else key
+
+    def prompt_text(self) -> str:
+        """What the model reads: the words, and a note when a file came along (not opened yet)."""
+        media = f"[they also sent a {self.media}, which this gateway cannot open]" if self.media else ""
+        return "\n".join(part for part in (self.text, media) if part)
+
+
+class ChannelError(Exception):
+    """A platform refused or failed a call; the message says what to check."""
+
+
+FENCE = "```"
+
+
+def split_message(text: str, limit: int) -> list[str]:
+    """Cut a long reply into parts of at most `limit` characters, in order.
+
+    Each cut goes at a paragraph break if one is in the second half of the part,
+    else at a line break, else between words; and outside ``` code blocks when
+    possible. A code block too long for one part is cut at a line inside it,
+    closed at the end of the part and opened again at the top of the next."""
+    parts, text = [], text.strip()
+    while len(text) > limit:
+        cut, skip = find_cut(text, limit - len("\n" + FENCE))
+        head, text = text[:cut].rstrip(), text[cut + skip:].lstrip("\n")
+        fence = open_fence(head)
+        if fence and len(fence) < limit // 4:
+            head += "\n" + FENCE
+            text = f"{fence}\n{text}"
+        if head:
+            parts.append(head)
+    if text:
+        parts.append(text)
+    return parts
+
+
+def open_fence(text: str) -> str | None:
+    """The opening line of a ``` block that is still open at the end of text."""
+    opening = None
+    for line in text.splitlines():
+        if line.lstrip().startswith(FENCE):
+            opening = None if opening else line.strip()
+    return opening
+
+
+def find_cut(text: str, limit: int) -> tuple[int, int]:
+    """Where to cut within text[:limit]: (position, length of the separator there)."""
+    window = text[:limit]
+    for earliest, outside_code in ((limit // 2, True), (1, True), (1, False)):
+        for separator in ("\n\n", "\n", " "):
+            position = window.rfind(separator)
+            while position >= earliest:
+                if not outside_code or open_fence(window[:position]) is None:
+                    return position, len(separator)
+                position = window.rfind(separator, 0, position)
+    return limit, 0  # one word longer than a whole part: cut it
+
+
+class Channel:
+    """What every platform provides: start receiving (each message becomes an
+    InboundMessage handed to on_message), send a reply back, stop."""
+    name = "channel"
+    max_text = 4000  # the longest message the platform takes; longer replies are split
+
+    def __init__(self):
+        self.state, self.detail, self.last_error = "off", "not started", None
+        self.on_message = None
+
+    def start(self, on_message) -> None:
+        raise NotImplementedError
+
+    def send(self, message: InboundMessage, text: str) -> None:
+        raise NotImplementedError
+
+    def typing(self, message: InboundMessage):
+        """Show that a reply is being written; returns the function that stops it."""
+        return lambda: None
+
+    def stream(self, message: InboundMessage, text: str) -> None:
+        """A piece of the reply as it is written; chats wait for the whole, the gateway streams it."""
+
+    def answer(self, message: InboundMessage, text: str) -> None:
+        """The final answer to a message. For a chat that is one more message."""
+        self.send(message, text)
+
+    def stop(self) -> None:
+        pass
+
+    def switch_off(self, why: str) -> None:
+        self.state, self.detail = "off", why
+        note(f"[{self.name}] off: {why}")
+
+    def status(self) -> str:
+        return f"{self.name} {self.state}" + (f" ({self.detail})" if self.state == "off" else "")
+
+
+class TerminalChannel(Channel):
+    """The person at the keyboard. Its turns run in the main thread, where Ctrl-C
+    and the approval prompt live, so its messages skip the bus."""
+    name = "terminal"
+
+    def start(self, on_message) -> None:
+        self.state, self.detail = "on", "this window"
+
+    def send(self, message: InboundMessage, text: str) -> None:
+        print_in_background(text)
+
+
+# --- Telegram: long polling with python-telegram-bot ----------------------------
+TELEGRAM_POLL_TIMEOUT = 25  # seconds one getUpdates call may wait for news (long polling)
+POLL_BACKOFF_START = 1.0    # seconds to wait after a failed poll; doubled after each further failure
+POLL_BACKOFF_MAX = 60.0
+TELEGRAM_MEDIA = ("photo", "document", "voice", "audio", "video", "video_note", "sticker", "location")
+
+
+class TelegramChannel(Channel):
+    """A Telegram bot. The library is asyncio, so the channel runs its own event
+    loop in a background thread; other threads hand it calls with call()."""
+    name = "telegram"
+    max_text = 4096
+
+    def __init__(self, token: str, api_base: str):
+        super().__init__()
+        self.token, self.api_base = token, api_base
+        self.account = ""  # the bot's username, learned from getMe
+        self.bot = self.loop = self.thread = self.poller = None
+
+    def start(self, on_message) -> None:
+        self.on_message = on_message
+        if not self.token:
+            self.state, self.detail = "off", "no TELEGRAM_BOT_TOKEN in .env"
+            return
+        self.bot = telegram.Bot(self.token, base_url=f"{self.api_base}/bot")
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="telegram", daemon=True)
+        self.thread.start()
+        self.state, self.detail = "starting", "connecting to the Bot API"
+        self.poller = asyncio.run_coroutine_threadsafe(self.poll(), self.loop)
+
+    async def poll(self) -> None:
+        """Ask for new messages, forever. After a failure wait before asking again,
+        twice as long each time up to POLL_BACKOFF_MAX, so a broken API is not
+        hammered; log one line when polling starts failing and one when it works again."""
+        offset, delay, failures = None, 0.0, 0
+        while True:
+            try:
+                if not self.account:
+                    await self.bot.initialize()  # getMe: which bot this token belongs to
+                    self.account = self.bot.username
+                    self.state, self.detail = "on", f"@{self.account}, long polling"
+                updates = await self.bot.get_updates(offset=offset, timeout=TELEGRAM_POLL_TIMEOUT,
+                                                     allowed_updates=["message"])
+            except telegram.error.InvalidToken:
+                self.switch_off("Telegram does not know this TELEGRAM_BOT_TOKEN; check it with @BotFather")
+                return
+            except telegram.error.TelegramError as exc:  # 5xx, 409 Conflict, 429, network down
+                failures += 1
+                delay = min(POLL_BACKOFF_MAX, delay * 2 or POLL_BACKOFF_START)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if failures == 1:
+                    note(f"[telegram] polling failed ({self.last_error}); retrying, waiting longer each time")
+                self.state, self.detail = "retrying", f"{failures} failed polls; next try in {delay:g} s"
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                note(f"[telegram] polling works again after {failures} failed tries")
+                failures, delay = 0, 0.0
+            self.state, self.detail = "on", f"@{self.account}, long polling"
+            for update in updates:
+                offset = update.update_id + 1  # the next call confirms this update, so it is not sent again
+                message = self.to_inbound(update)
+                if message:
+                    self.on_message(message)
+
+    def to_inbound(self, update: telegram.Update) -> InboundMessage | None:
+        m = update.message
+        if m is None or m.from_user is None or m.from_user.is_bot:
+            return None  # an edit, a channel post, another bot: not a person writing to us
+        media = next((kind for kind in TELEGRAM_MEDIA if getattr(m, kind)), None)
+        text = (m.text or m.caption or "").replace(f"@{self.account}", "").strip()
+        return InboundMessage(channel="telegram", account=self.account, peer=str(m.chat.id),
+                              sender=str(m.from_user.id), text=text, sender_name=m.from_user.full_name,
+                              is_group=m.chat.type != "private",
+                              thread=str(m.message_thread_id) if m.is_topic_message else None,
+                              media=media, raw=update.to_dict())
+
+    def call(self, coroutine, timeout: float = 30):
+        """Run one Bot API call on the channel's loop from another thread, and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def send(self, message: InboundMessage, text: str) -> None:
+        if self.loop is None or self.state == "off":
+            raise ChannelError(f"Telegram is off ({self.detail})")
+        where = {"message_thread_id": int(message.thread)} if message.thread else {}
+        for number, part in enumerate(split_message(text, self.max_text)):
+            quote = {}
+            if message.is_group and number == 0 and "message" in message.raw:  # in a group, answer that message
+                quote = {"reply_parameters": telegram.ReplyParameters(message.raw["message"]["message_id"],
+                                                                      allow_sending_without_reply=True)}
+            self.call(self.bot.send_message(chat_id=int(message.peer), text=part, **where, **quote))
+
+    def typing(self, message: InboundMessage):
+        where = {"message_thread_id": int(message.thread)} if message.thread else {}
+
+        async def keep_typing() -> None:
+            while True:
+                try:
+                    await self.bot.send_chat_action(chat_id=int(message.peer), action="typing", **where)
+                except telegram.error.TelegramError:
+                    pass  # only a courtesy: the reply is what matters
+                await asyncio.sleep(4)  # Telegram shows "typing..." for about five seconds
+
+        return asyncio.run_coroutine_threadsafe(keep_typing(), self.loop).cancel
+
+    def stop(self) -> None:
+        if self.poller is None:
+            return
+        self.poller.cancel()  # ends a waiting getUpdates at once, not after its long-poll timeout
+        try:
+            self.call(self.bot.shutdown(), timeout=3)
+        except Exception:
+            pass  # stopping anyway
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=3)
+        self.state, self.detail = "off", "stopped"
+
+
+# --- Feishu / Lark: a webhook in, HTTPS calls out --------------------------------
+FEISHU_API_BASES = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com"}
+FEISHU_TOKEN_MARGIN = 300  # fetch a new tenant token this many seconds before the old one expires
+FEISHU_TOKEN_ERRORS = {99991661, 99991663, 99991668}  # tenant token missing, invalid or expired
+MAX_WEBHOOK_BODY = 1_000_000  # bytes; a bigger POST is refused unread
+
+
+class FeishuWebhook(BaseHTTPRequestHandler):
+    """Feishu POSTs events here. It listens on 127.0.0.1: put a tunnel or a
+    reverse proxy in front, and give Feishu that public URL."""
+
+    def do_POST(self) -> None:
+        try:
+            length = int(self.headers.get("content-length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_WEBHOOK_BODY:
+            return self.answer(413 if length > 0 else 400, {"error": "bad or too large body"})
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError:
+            return self.answer(400, {"error": "the body is not JSON"})
+        self.answer(*self.server.channel.handle_event(body))
+
+    def answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass  # no line per request on the terminal
+
+
+class WebhookServer(ThreadingHTTPServer):
+    daemon_threads = True  # a slow or stuck client never holds up the exit
+
+    def handle_error(self, request, client_address) -> None:
+        note(f"[feishu] a webhook request from {client_address[0]} failed: {sys.exc_info()[1]!r}")
+
+
+class FeishuChannel(Channel):
+    """A Feishu (or Lark) bot: events arrive at the webhook; replies go out
+    through the open API with a tenant token that is cached until shortly
+    before it expires."""
+    name = "feishu"
+    max_text = 4000  # Feishu takes much longer texts; parts this long still read well in a chat
+
+    def __init__(self, app_id: str, app_secret: str, verification_token: str, port: int, api_base: str):
+        super().__init__()
+        self.app_id, self.app_secret, self.verification_token = app_id, app_secret, verification_token
+        self.port, self.api_base = port, api_base
+        self.http = httpx.Client(timeout=15)
+        self.token, self.token_expires = "", 0.0
+        self.token_lock = threading.Lock()
+        self.seen_events = deque(maxlen=1000)  # Feishu delivers an event again if it thinks we missed it
+        self.server = None
+
+    def start(self, on_message) -> None:
+        self.on_message = on_message
+        if not (self.app_id and self.app_secret):
+            self.state, self.detail = "off", "no FEISHU_APP_ID / FEISHU_APP_SECRET in .env"
+            return
+        if not self.verification_token:
+            return self.switch_off("no FEISHU_VERIFICATION_TOKEN: without it anyone could post events")
+        if not self.api_base:
+            return self.switch_off(f"FEISHU_DOMAIN must be feishu or lark, not {FEISHU_DOMAIN!r}")
+        try:
+            self.server = WebhookServer(("127.0.0.1", self.port), FeishuWebhook)
+        except OSError as exc:
+            return self.switch_off(f"cannot listen on 127.0.0.1:{self.port} ({exc.strerror}); "
+                                   "set FEISHU_WEBHOOK_PORT to a free port")
+        self.server.channel = self
+        threading.Thread(target=self.server.serve_forever, name="feishu-webhook", daemon=True).start()
+        self.state, self.detail = "on", f"webhook on http://127.0.0.1:{self.port}/, API {self.api_base}"
+
+    def handle_event(self, body) -> tuple[int, dict]:
+        """Answer one webhook POST: (HTTP status, JSON body). Never raises."""
+        try:
+            if "encrypt" in body:
+                return 400, {"error": "encrypted events are not supported: clear the Encrypt Key in the console"}
+            verifying = body.get("type") == "url_verification"
+            token = body.get("token") if verifying else body["header"].get("token")
+            if not secrets.compare_digest(str(token or ""), self.verification_token):
+                note("[feishu] refused an event with a wrong verification token")
+                return 403, {"error": "wrong verification token"}
+            if verifying:
+                return 200, {"challenge": body.get("challenge")}  # Feishu checks the URL this way once
+            if body["header"].get("event_type") != "im.message.receive_v1":
+                return 200, {}
+            message, event_id = self.to_inbound(body), body["header"].get("event_id")
+            if event_id in self.seen_events:
+                return 200, {}
+            self.seen_events.append(event_id)
+            self.on_message(message)
+            return 200, {}
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            note(f"[feishu] refused a malformed event ({type(exc).__name__}: {exc})")
+            return 400, {"error": "malformed event"}
+
+    def to_inbound(self, body: dict) -> InboundMessage:
+        m, sender = body["event"]["message"], body["event"]["sender"]["sender_id"]["open_id"]
+        is_group = m["chat_type"] != "p2p"
+        kind = m.get("message_type")
+        text = json.loads(m.get("content") or "{}").get("text", "") if kind == "text" else ""
+        text = re.sub(r"@_user_\d+\s*", "", text).strip()  # "@_user_1" stands for a mention of the bot
+        return InboundMessage(channel="feishu", account=self.app_id, peer=m["chat_id"] if is_group else sender,
+                              sender=sender, text=text, is_group=is_group,
+                              media=None if kind == "text" else kind, raw=body)
+
+    def tenant_token(self, refresh: bool = False) -> str:
+        with self.token_lock:
+            if refresh or time.monotonic() >= self.token_expires:
+                data = self.post("/open-apis/auth/v3/tenant_access_token/internal",
+                                 {"app_id": self.app_id, "app_secret": self.app_secret})
+                if data.get("code") != 0:
+                    raise ChannelError(f"Feishu refused FEISHU_APP_ID / FEISHU_APP_SECRET: {data.get('msg')}")
+                self.token = data["tenant_access_token"]
+                self.token_expires = time.monotonic() + data["expire"] - FEISHU_TOKEN_MARGIN
+            return self.token
+
+    def post(self, path: str, body: dict, **kwargs) -> dict:
+        try:
+            response = self.http.post(f"{self.api_base}{path}", json=body, **kwargs)
+            return response.json()
+        except httpx.HTTPError as exc:
+            raise ChannelError(f"cannot reach {self.api_base}: {exc}")
+        except ValueError:
+            raise ChannelError(f"{self.api_base}{path} answered {response.status_code} without JSON")
+
+    def send(self, message: InboundMessage, text: str) -> None:
+        # A direct chat is addressed by the person's open_id, a group by its chat_id.
+        id_type = "chat_id" if message.is_group else "open_id"
+        for part in split_message(text, self.max_text):
+            content = json.dumps({"text": part}, ensure_ascii=False)
+            for refresh in (False, True):  # a token the server no longer takes: fetch a new one, once
+                data = self.post("/open-apis/im/v1/messages", {"receive_id": message.peer, "msg_type": "text",
+                                                              "content": content},
+                                 params={"receive_id_type": id_type},
+                                 headers={"Authorization": f"Bearer {self.tenant_token(refresh)}"})
+                if data.get("code") not in FEISHU_TOKEN_ERRORS:
+                    break
+            if data.get("code") != 0:
+                raise ChannelError(f"Feishu refused the message: {data.get('code')} {data.get('msg')}")
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+        self.http.close()
+
+
+# --- Agents and bindings: which agent answers, in which session ---------------------
+DM_SCOPES = ("main", "per-peer", "per-channel-peer")
+TIERS = ("explicit", "peer", "group", "account", "channel", "default")  # most specific first
+SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # agent ids become folder names: nothing else gets in
+MATCH_FIELDS = ("channel", "account", "peer", "group")
+
+
+class ConfigError(Exception):
+    """gateway.json cannot be used; the message names the file, the field and what to do."""
+
+
+@dataclass
+class Agent:
+    id: str
+    name: str
+    model: str
+    tools: list[str]
+
+    def tool_schemas(self) -> list:
+        return [tool for tool in TOOLS if tool["name"] in self.tools]
+
+
+@dataclass
+class Route:
+    agent: Agent
+    tier: str          # which kind of binding matched: see TIERS
+    session_key: str   # "agent:main:telegram:direct:42"
+    binding: dict | None = None
+
+
+def default_gateway_config() -> dict:
+    return {"version": 1, "default_agent": AGENT_ID, "dm_scope": "per-channel-peer",
+            "agents": [{"id": AGENT_ID, "name": "Claw", "model": None, "tools": list(TOOL_HANDLERS)}],
+            "bindings": [], "identity_links": {}}
+
+
+def check_gateway_config(config) -> None:
+    """Raise ConfigError naming the first field that is wrong."""
+    def fail(where: str, what: str):
+        raise ConfigError(f"{GATEWAY_FILE}: {where}: {what}. Fix it, or delete the file to start from the defaults.")
+    if not isinstance(config, dict):
+        fail("top level", "must be an object")
+    agents = config.get("agents")
+    if not isinstance(agents, list) or not agents:
+        fail("agents", "must be a non-empty list")
+    for i, agent in enumerate(agents):
+        if not isinstance(agent, dict) or not SAFE_ID.match(str(agent.get("id"))):
+            fail(f"agents[{i}].id", "must be lowercase letters, digits, - or _ (at most 32)")
+        if not isinstance(agent.get("name"), str) or not isinstance(agent.get("model"), (str, type(None))):
+            fail(f"agents[{i}]", "needs a name (text) and a model (text, or null for MODEL_ID)")
+        tools = agent.get("tools")
+        if not isinstance(tools, list) or any(t not in TOOL_HANDLERS for t in tools):
+            fail(f"agents[{i}].tools", f"must be a list drawn from {', '.join(TOOL_HANDLERS)}")
+    ids = [agent["id"] for agent in agents]
+    if len(set(ids)) != len(ids):
+        fail("agents", "two agents have the same id")
+    if config.get("default_agent") not in ids:
+        fail("default_agent", f"must be one of {', '.join(ids)}")
+    if config.get("dm_scope") not in DM_SCOPES:
+        fail("dm_scope", f"must be one of {', '.join(DM_SCOPES)}")
+    bindings = config.get("bindings")
+    if not isinstance(bindings, list):
+        fail("bindings", "must be a list")
+    for i, binding in enumerate(bindings):
+        match = binding.get("match") if isinstance(binding, dict) else None
+        if not isinstance(match, dict) or not isinstance(match.get("channel"), str) or \
+                any(k not in MATCH_FIELDS or not isinstance(v, str) for k, v in match.items()):
+            fail(f"bindings[{i}].match", f"must be an object with a channel and text fields from {MATCH_FIELDS}")
+        if binding.get("agent") not in ids:
+            fail(f"bindings[{i}].agent", f"must be one of {', '.join(ids)}")
+    links = config.get("identity_links")
+    if not isinstance(links, dict) or any(not SAFE_ID.match(name) or not isinstance(ids_, list)
+                                          or not all(isinstance(x, str) and ":" in x for x in ids_)
+                                          for name, ids_ in links.items()):
+        fail("identity_links", 'must map a name to ids like ["telegram:42", "feishu:ou_7"]')
+
+
+def binding_tier(match: dict) -> str:
+    for tier in ("peer", "group", "account"):
+        if match.get(tier):
+            return tier
+    return "channel"
+
+
+def binding_matches(match: dict, message: InboundMessage) -> bool:
+    """Every field the binding names must fit. A peer is a person in a direct chat; a group is a group chat."""
+    if match["channel"] != message.channel:
+        return False
+    if match.get("account") and match["account"] != message.account:
+        return False
+    if match.get("peer") and (message.is_group or match["peer"] != message.sender):
+        return False
+    if match.get("group") and (not message.is_group or match["group"] != message.peer):
+        return False
+    return True
+
+
+class Router:
+    """The binding table in workspace/gateway.json. Read once at start, changed
+    through bindings.set / bindings.remove, and written back atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.config = self.load()
+
+    def load(self) -> dict:
+        if not self.path.exists():
+            config = default_gateway_config()
+            write_atomic(self.path, json.dumps(config, indent=2) + "\n")
+            note(f"[gateway] wrote the default agents and bindings to {self.path}")
+            return config
+        try:
+            config = json.loads(self.path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            line = getattr(exc, "lineno", "?")
+            raise ConfigError(f"{self.path}: line {line}: not valid JSON ({getattr(exc, 'msg', exc)}). "
+                              "Fix it, or delete the file to start from the defaults.")
+        check_gateway_config(config)
+        return config
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+
+    def agents(self) -> dict[str, Agent]:
+        return {a["id"]: Agent(a["id"], a["name"], a["model"] or MODEL_ID, list(a["tools"]))
+                for a in self.config["agents"]}
+
+    def resolve(self, message: InboundMessage, agent_id: str | None = None) -> Route:
+        """Most specific binding first: peer, group, account, channel, then the default agent.
+        Among bindings of one tier, the first listed wins. `agent_id` (a gateway client's
+        choice) overrides the table."""
+        with self.lock:
+            agents = self.agents()
+            best = None
+            if agent_id:
+                tier = "explicit"
+            else:
+                matching = [b for b in self.config["bindings"] if binding_matches(b["match"], message)]
+                best = min(matching, key=lambda b: TIERS.index(binding_tier(b["match"])), default=None)
+                agent_id = best["agent"] if best else self.config["default_agent"]
+                tier = binding_tier(best["match"]) if best else "default"
+            return Route(agents[agent_id], tier, self.session_key(agent_id, message), best)
+
+    def session_key(self, agent_id: str, message: InboundMessage) -> str:
+        """Groups always get their own session. Direct chats follow dm_scope: "main" (one
+        session for every direct chat), "per-peer" (one per person), "per-channel-peer"
+        (one per person per channel); a person named in identity_links is one person everywhere."""
+        if message.is_group:
+            key = f"agent:{agent_id}:{message.channel}:group:{message.peer}"
+            return f"{key}:topic:{message.thread}" if message.thread else key
+        scope, person = self.config["dm_scope"], self.linked_identity(message)
+        if scope == "main":
+            return f"agent:{agent_id}:main"
+        if person:
+            return f"agent:{agent_id}:direct:{person}"
+        if scope == "per-peer":
+            return f"agent:{agent_id}:direct:{message.sender}"
+        return f"agent:{agent_id}:{message.channel}:direct:{message.sender}"
+
+    def linked_identity(self, message: InboundMessage) -> str | None:
+        for person, ids in self.config["identity_links"].items():
+            if f"{message.channel}:{message.sender}" in ids:
+                return person
+        return None
+
+    def set_binding(self, agent_id: str, match: dict) -> dict:
+        """Add a binding, or point the one with the same match at another agent."""
+        with self.lock:
+            config = json.loads(json.dumps(self.config))
+            config["bindings"] = [b for b in config["bindings"] if b["match"] != match]
+            config["bindings"].append({"agent": agent_id, "match": match})
+            check_gateway_config(config)  # raises ConfigError: nothing is written
+            self.config = config
+            self.save()
+            return config["bindings"][-1]
+
+    def remove_binding(self, match: dict) -> bool:
+        with self.lock:
+            kept = [b for b in self.config["bindings"] if b["match"] != match]
+            removed = len(kept) < len(self.config["bindings"])
+            if removed:
+                self.config["bindings"] = kept
+                self.save()
+            return removed
+
+
+# --- Who may talk: allow lists and pairing -----------------------------------------
+PAIRING_FILE = STATE_DIR / "pairing.json"
+PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0, O, 1 or I to misread
+PAIRING_TTL = 3600        # seconds a pairing code stays valid
+MAX_PENDING_PAIRINGS = 3  # per channel; further strangers are ignored until one is answered or expires
+PAIRING_REPLY = ("Hello! I only talk with people my operator has approved. Your pairing code is {code}. "
+                 "Ask the operator to run /pair approve {code} (the code expires in an hour).")
+
+
+class Pairing:
+    """Who may talk: the allow lists from .env, plus senders the operator paired.
+
+    .state/pairing.json holds {"approved": {channel: [sender ids]}, "requests": [...]}.
+    A file that cannot be read is moved aside and nobody new is let in (fail closed)."""
+
+    def __init__(self, allow_from: dict[str, set]):
+        self.allow_from = allow_from
+        self.lock = threading.Lock()
+        self.data = self.load()
+
+    def load(self) -> dict:
+        empty = {"version": 1, "approved": {}, "requests": []}
+        if not PAIRING_FILE.exists():
+            return empty
+        try:
+            data = json.loads(PAIRING_FILE.read_text(encoding="utf-8"))
+            if not isinstance(data["approved"], dict) or not isinstance(data["requests"], list):
+                raise ValueError("'approved' must be an object and 'requests' a list")
+            data["requests"] = [r for r in data["requests"] if isinstance(r, dict) and
+                                {"code", "channel", "sender", "created"} <= r.keys()]
+            return data
+        except (ValueError, KeyError, TypeError) as exc:
+            aside = PAIRING_FILE.with_name(f"pairing.corrupt-{int(time.time())}.json")
+            PAIRING_FILE.replace(aside)
+            note(f"[pairing] {PAIRING_FILE} is not valid ({exc}); moved it to {aside.name}. "
+                 "Paired senders must pair again.")
+            return empty
+
+    def save(self) -> None:
+        write_atomic(PAIRING_FILE, json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
+
+    def is_allowed(self, channel: str, sender: str) -> bool:
+        with self.lock:
+            return sender in self.allow_from.get(channel, set()) or sender in self.data["approved"].get(channel, [])
+
+    def live_requests(self) -> list:
+        now = time.time()
+        self.data["requests"] = [r for r in self.data["requests"] if now - r["created"] < PAIRING_TTL]
+        return self.data["requests"]
+
+    def request(self, message: InboundMessage) -> str | None:
+        """A new code for this sender, or None: they have one already (or were denied
+        within the hour), or too many strangers are waiting on this channel."""
+        with self.lock:
+            requests = self.live_requests()
+            if any(r["channel"] == message.channel and r["sender"] == message.sender for r in requests):
+                return None
+            if sum(r["channel"] == message.channel and not r.get("denied") for r in requests) >= MAX_PENDING_PAIRINGS:
+                return None
+            code = "".join(secrets.choice(PAIRING_ALPHABET) for _ in range(8))
+            requests.append({"code": code, "channel": message.channel, "sender": message.sender,
+                             "name": message.sender_name, "peer": message.peer, "created": time.time()})
+            self.save()
+            return code
+
+    def answer(self, code: str, approve: bool) -> dict | None:
+        """Approve or deny a pending request by its code; returns the request, or None."""
+        with self.lock:
+            request = next((r for r in self.live_requests() if r["code"] == code.upper() and not r.get("denied")),
+                           None)
+            if request is None:
+                return None
+            if approve:
+                self.data["requests"].remove(request)
+                approved = self.data["approved"].setdefault(request["channel"], [])
+                if request["sender"] not in approved:
+                    approved.append(request["sender"])
+            else:
+                request["denied"] = True  # kept until it expires, so the same sender cannot ask again at once
+            self.save()
+            return request
+
+    def pending(self) -> list:
+        with self.lock:
+            return [r for r in self.live_requests() if not r.get("denied")]
+
+
+# --- Approvals for remote chats ----------------------------------------------------
+class Reply:
+    """What one remote turn says, gathered by say() and sent when the turn ends."""
+
+    def __init__(self, message: InboundMessage, channel: Channel):
+        self.message, self.channel, self.parts = message, channel, []
+
+    def text(self) -> str:
+        return "".join(self.parts).strip()
+
+
+class ApprovalQueue:
+    """Commands that a remote chat's turn wants to run wait here until the
+    operator answers at the terminal (/approve ID, /deny ID). No answer within
+    APPROVAL_TIMEOUT seconds counts as a deny, and the chat is told."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.waiting: dict[str, dict] = {}
+        self.numbers = count(1)
+
+    def ask(self, command: str, reply: Reply) -> str:
+        """Block the asking worker until an answer: "once", "always", "deny" or "timeout"."""
+        with self.lock:
+            request = {"id": str(next(self.numbers)), "command": command, "who": reply.message.session_key,
+                       "asked": time.time(), "answer": "deny", "answered": threading.Event()}
+            self.waiting[request["id"]] = request
+        rid = request["id"]
+        print_in_background(f"[approval {rid}] {request['who']} wants to run: {command}\n"
+                            f"  /approve {rid} (or /approve {rid} always) or /deny {rid}; "
+                            f"denied in {APPROVAL_TIMEOUT:g} s without an answer")
+        reply.channel.send(reply.message, f"Waiting for the operator to approve this command: {command}")
+        answered = request["answered"].wait(APPROVAL_TIMEOUT)
+        with self.lock:
+            self.waiting.pop(rid, None)
+        if answered:
+            return request["answer"]
+        print_in_background(f"[approval {rid}] no answer in {APPROVAL_TIMEOUT:g} s: denied")
+        reply.channel.send(reply.message, f"The operator did not answer within {APPROVAL_TIMEOUT:g} s, "
+                                          f"so this command did not run: {command}")
+        return "timeout"
+
+    def answer(self, request_id: str, answer: str) -> dict | None:
+        with self.lock:
+            request = self.waiting.pop(request_id, None)
+        if request:
+            request["answer"] = answer
+            request["answered"].set()
+        return request
+
+    def pending(self) -> list:
+        with self.lock:
+            return list(self.waiting.values())
+
+
+APPROVALS = ApprovalQueue()
+
+
+# --- The bus: from channels to worker threads, and replies back ---------------------
+AGENT_WORKERS = 4     # remote turns that may run at once (each in a different session)
+SHUTDOWN_GRACE = 5.0  # seconds remote turns in progress get to finish when the gateway stops
+REMOTE_HELP = "Send me a message and I will answer. /new starts a fresh conversation."
+
+
+class MessageBus:
+    """Carries InboundMessages from the channels to worker threads, and replies back.
+
+    Messages of one session wait in line (its turns never overlap); different
+    sessions run on different workers at the same time. publish() never blocks,
+    so a channel's receiving thread is never held up by a turn."""
+
+    def __init__(self, client: anthropic.Anthropic, router: Router, guard: ContextGuard,
+                 channels: dict[str, Channel], pairing: Pairing):
+        self.client, self.router, self.guard, self.channels, self.pairing = client, router, guard, channels, pairing
+        self.stores: dict[str, SessionStore] = {}  # agent id -> its sessions
+        self.waiting: dict[str, deque] = {}  # session key -> its messages not yet answered
+        self.ready = queue.Queue()           # session keys that have a message and no worker yet
+        self.lock = threading.Lock()
+        for number in range(AGENT_WORKERS):
+            threading.Thread(target=self.work, name=f"agent-worker-{number}", daemon=True).start()
+
+    def store_for(self, agent_id: str) -> SessionStore:
+        """Each agent keeps its sessions in its own folder: .state/sessions/<agent id>/."""
+        with self.lock:
+            if agent_id not in self.stores:
+                self.stores[agent_id] = SessionStore(SESSIONS_DIR.parent / agent_id)
+            return self.stores[agent_id]
+
+    def route(self, message: InboundMessage) -> Route:
+        """Which agent answers, in which session. A gateway client may name the agent itself."""
+        return self.router.resolve(message, message.raw.get("agent_id") if message.via else None)
+
+    def publish(self, message: InboundMessage) -> None:
+        key = self.route(message).session_key
+        with self.lock:
+            if key in self.waiting:  # a worker is on this session: line up behind it
+                self.waiting[key].append(message)
+                return
+            self.waiting[key] = deque([message])
+        self.ready.put(key)
+
+    def work(self) -> None:
+        while True:
+            key = self.ready.get()
+            while True:
+                with self.lock:
+                    if not self.waiting[key]:
+                        del self.waiting[key]
+                        break
+                    message = self.waiting[key].popleft()
+                try:
+                    self.handle(message)
+                except Exception as exc:  # a failed send, a bug: log it and go on with the next message
+                    note(f"[{message.session_key}] not answered: {type(exc).__name__}: {exc}")
+                    if message.via:  # a gateway client is waiting for an answer: give it one
+                        self.channels[message.via].answer(message, f"(not answered: {type(exc).__name__})")
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Wait (up to timeout) until no message is waiting or being answered."""
+        deadline = time.monotonic() + timeout
+        while self.waiting and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.waiting
+
+    def handle(self, message: InboundMessage) -> None:
+        channel, text = self.channels[message.via or message.channel], message.prompt_text()
+        note(f"[{message.channel}] {message.sender_name or message.sender} ({message.sender}): {preview(text)}")
+        if not message.via and not self.pairing.is_allowed(message.channel, message.sender):
+            return self.refuse(message, channel)  # (gateway clients passed the token instead)
+        route = self.route(message)
+        store = self.store_for(route.agent.id)
+        if text in ("/start", "/help"):
+            return channel.answer(message, REMOTE_HELP)
+        if text == "/new":
+            store.for_key(route.session_key, fresh=True)
+            return channel.answer(message, "Started a new conversation.")
+        if not text:
+            return
+        session = store.for_key(route.session_key)
+        turn_context.reply = reply = Reply(message, channel)
+        stop_typing = channel.typing(message)
+        try:
+            agent_turn(self.client, session, text, self.guard, route.agent)
+        finally:
+            stop_typing()
+            turn_context.reply = None
+        answer = reply.text() or "(no reply)"
+        channel.answer(message, answer)
+        note(f"[{route.session_key}] {route.agent.id} replied ({len(answer)} characters, {route.tier} route)")
+
+    def refuse(self, message: InboundMessage, channel: Channel) -> None:
+        """A sender on no list: a pairing code in a direct chat, silence in a group."""
+        who = f"{message.channel} user {message.sender_name or '?'} ({message.sender})"
+        if message.is_group:
+            return note(f"[pairing] ignored {who} in a group: not paired (pairing works in a direct chat)")
+        code = self.pairing.request(message)
+        if code:
+            channel.send(message, PAIRING_REPLY.format(code=code))
+            print_in_background(f"[pairing] {who} asks to talk: /pair approve {code} or /pair deny {code}")
+        else:
+            note(f"[pairing] ignored {who}: not paired; a request is pending or too many are")
+
+
+# --- The gateway: JSON-RPC 2.0 over WebSocket, and a chat page ---------------------------
+TOKEN_FILE = STATE_DIR / "gateway-token"
+MAX_FRAME_BYTES = 256 * 1024  # a bigger frame closes the connection (1009); a chat message is far smaller
+MAX_IN_FLIGHT = 16            # requests one connection may have running at once
+MAX_CONNECTIONS = 64
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
+UNAUTHORIZED, NOT_FOUND, BUSY = -32001, -32004, -32005  # this gateway's own codes (-32000 to -32099)
+PEER_ID = re.compile(r"^[\w.@:-]{1,64}$")
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def load_gateway_token() -> str:
+    """GATEWAY_TOKEN, or the one generated on first start (owner-only file in .state/)."""
+    if GATEWAY_TOKEN:
+        return GATEWAY_TOKEN
+    token = TOKEN_FILE.read_text(encoding="utf-8").strip() if TOKEN_FILE.exists() else ""
+    if len(token) < 16:
+        token = secrets.token_urlsafe(32)
+        write_atomic(TOKEN_FILE, token + "\n")
+    os.chmod(TOKEN_FILE, 0o600)
+    return token
+
+
+def rpc_error(request_id, code: int, message: str) -> dict:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def parse_request(frame) -> dict:
+    """One text frame as a JSON-RPC request, or RpcError with the code the spec names."""
+    if not isinstance(frame, str):
+        raise RpcError(INVALID_REQUEST, "send JSON-RPC as text frames, not binary")
+    try:
+        request = json.loads(frame)
+    except (ValueError, RecursionError):
+        raise RpcError(PARSE_ERROR, "the frame is not JSON")
+    if isinstance(request, list):
+        raise RpcError(INVALID_REQUEST, "batches are not supported: send one request per frame")
+    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
+        raise RpcError(INVALID_REQUEST, 'a request is an object with "jsonrpc": "2.0", "method" and "id"')
+    if not isinstance(request.get("id"), (str, int)) or isinstance(request.get("id"), bool):
+        raise RpcError(INVALID_REQUEST, '"id" must be a string or an integer (notifications are not accepted)')
+    if not isinstance(request.get("params", {}), dict):
+        raise RpcError(INVALID_PARAMS, '"params" must be an object')
+    return request
+
+
+def text_param(params: dict, name: str, required: bool = True, pattern: re.Pattern | None = None) -> str | None:
+    value = params.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or (pattern and not pattern.match(value)):
+        raise RpcError(INVALID_PARAMS, f"{name!r} must be {'an id like web-42' if pattern else 'non-empty text'}")
+    return value
+
+
+class GatewayChannel(Channel):
+    """The front door for programs: a WebSocket server speaking JSON-RPC 2.0.
+    The first request on a connection must be `connect` with the token; the
+    same port serves the chat page. Runs its own asyncio loop in a thread."""
+    name = "webchat"
+
+    def __init__(self, bus: "MessageBus", host: str, port: int, token: str):
+        super().__init__()
+        self.bus, self.host, self.port, self.token = bus, host, port, token
+        self.loop = self.thread = self.server = None
+        self.connections: set = set()
+        self.replies: dict[str, asyncio.Queue] = {}  # chat.send in progress -> its stream of pieces
+        self.started = time.time()
+        self.methods = {"chat.send": self.chat_send, "chat.history": self.chat_history,
+                        "sessions.list": self.sessions_list, "agents.list": self.agents_list,
+                        "bindings.list": self.bindings_list, "bindings.set": self.bindings_set,
+                        "bindings.remove": self.bindings_remove, "route.resolve": self.route_resolve,
+                        "status": self.status_of}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Browsers send Origin: only the gateway's own page and GATEWAY_ALLOWED_ORIGINS may connect,
+        so a web page elsewhere cannot use your browser to talk to it. Programs send no Origin;
+        they still need the token."""
+        own = [f"http://{host}:{self.port}" for host in (self.host, "127.0.0.1", "localhost")]
+        return origin is None or origin in own + GATEWAY_ALLOWED_ORIGINS
+
+    def start(self, on_message) -> None:
+        self.on_message = on_message
+        self.loop = asyncio.new_event_loop()
+        ready = self.loop.run_until_complete
+        try:
+            self.server = ready(self.listen())
+        except OSError as exc:
+            return self.switch_off(f"cannot listen on {self.host}:{self.port} ({exc.strerror}); "
+                                   "set GATEWAY_PORT to a free port")
+        self.port = self.server.sockets[0].getsockname()[1]  # the real one, when GATEWAY_PORT=0
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
+        self.thread.start()
+        self.state, self.detail = "on", f"ws://{self.host}:{self.port}, chat page {self.url}"
+
+    async def listen(self):
+        return await serve(self.serve_connection, self.host, self.port, max_size=MAX_FRAME_BYTES,
+                           process_request=self.http_request, server_header=None, close_timeout=1)
+
+    def http_request(self, connection, request):
+        """Plain HTTP on the same port: GET / is the chat page; a WebSocket upgrade goes on."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            if not self.origin_allowed(request.headers.get("Origin")):
+                note(f"[gateway] refused a connection from origin {request.headers.get('Origin')}")
+                return connection.respond(403, "This origin may not connect; see GATEWAY_ALLOWED_ORIGINS\n")
+            if len(self.connections) >= MAX_CONNECTIONS:
+                return connection.respond(503, "Too many connections\n")
+            return None
+        if request.path.split("?")[0] != "/":
+            return connection.respond(404, "Not found\n")
+        response = connection.respond(200, CHAT_PAGE)
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "text/html; charset=utf-8"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def serve_connection(self, connection) -> None:
+        """Read frames until the client leaves. Each request runs as its own task, so a
+        long chat.send does not hold up the requests behind it."""
+        self.connections.add(connection)
+        running: set = set()
+        authenticated = False
+        try:
+            async for frame in connection:
+                try:
+                    request = parse_request(frame)
+                except RpcError as exc:
+                    await connection.send(json.dumps(rpc_error(None, exc.code, str(exc))))
+                    if not authenticated:
+                        return await connection.close(1008, "the first request must be connect")
+                    continue
+                if not authenticated:
+                    authenticated = await self.connect(connection, request)
+                    if not authenticated:
+                        return await connection.close(1008, "unauthorized")
+                    continue
+                if len(running) >= MAX_IN_FLIGHT:
+                    await connection.send(json.dumps(rpc_error(request["id"], BUSY, "too many requests at once")))
+                    continue
+                task = asyncio.create_task(self.answer_request(connection, request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.connections.discard(connection)
+
+    async def connect(self, connection, request: dict) -> bool:
+        token = request.get("params", {}).get("token")
+        if request["method"] != "connect" or not isinstance(token, str) or \
+                not secrets.compare_digest(token.encode(), self.token.encode()):
+            note(f"[gateway] refused a connection from {connection.remote_address[0]}: "
+                 f"{'wrong token' if request['method'] == 'connect' else 'the first request was not connect'}")
+            await connection.send(json.dumps(rpc_error(request["id"], UNAUTHORIZED,
+                                                       "unauthorized: the first request must be connect with the token")))
+            return False
+        hello = {"protocol": 1, "server": SECTION, "methods": ["connect", *self.methods],
+                 "events": ["chat.delta", "chat.notice"], "max_frame_bytes": MAX_FRAME_BYTES}
+        await connection.send(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": hello}))
+        return True
+
+    async def answer_request(self, connection, request: dict) -> None:
+        method = self.methods.get(request["method"])
+        try:
+            if method is None:
+                raise RpcError(METHOD_NOT_FOUND, f"no method {request['method']!r}; connect lists them")
+            result = await method(connection, request["id"], request.get("params", {}))
+            answer = {"jsonrpc": "2.0", "id": request["id"], "result": result}
+        except RpcError as exc:
+            answer = rpc_error(request["id"], exc.code, str(exc))
+        except Exception as exc:  # a bug in a method: the client gets an error, the server goes on
+            note(f"[gateway] {request['method']} failed: {type(exc).__name__}: {exc}")
+            answer = rpc_error(request["id"], -32603, f"internal error: {type(exc).__name__}")
+        try:
+            await connection.send(json.dumps(answer, ensure_ascii=False))
+        except ConnectionClosed:
+            pass
+
+    async def notify(self, connection, method: str, params: dict) -> None:
+        try:
+            await connection.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params},
+                                             ensure_ascii=False))
+        except ConnectionClosed:
+            pass
+
+    # --- methods --------------------------------------------------------------------
+    async def chat_send(self, connection, request_id, params: dict) -> dict:
+        """Run a turn through the bus, like any channel's message; stream the reply as
+        chat.delta notifications, then answer with the whole text."""
+        text = text_param(params, "text")
+        peer = text_param(params, "peer_id", pattern=PEER_ID)
+        channel = text_param(params, "channel", required=False, pattern=SAFE_ID) or "webchat"
+        agent_id = text_param(params, "agent_id", required=False)
+        if agent_id and agent_id not in self.bus.router.agents():
+            raise RpcError(INVALID_PARAMS, f"no agent {agent_id!r}; agents.list names them")
+        reply_id = secrets.token_hex(8)
+        message = InboundMessage(channel=channel, account="gateway", peer=peer, sender=peer, text=text,
+                                 via="webchat", raw={"reply_id": reply_id, "agent_id": agent_id,
+                                                     "request_id": request_id})
+        route = self.bus.route(message)
+        pieces = self.replies[reply_id] = asyncio.Queue()
+        self.bus.publish(message)
+        try:
+            while True:
+                kind, piece = await pieces.get()
+                if kind == "answer":
+                    return {"text": piece, "agent_id": route.agent.id, "session_key": route.session_key,
+                            "tier": route.tier}
+                await self.notify(connection, f"chat.{kind}", {"request_id": request_id,
+                                                               "session_key": route.session_key, "text": piece})
+        finally:
+            self.replies.pop(reply_id, None)
+
+    async def chat_history(self, connection, request_id, params: dict) -> dict:
+        key = text_param(params, "session_key")
+        agent_id = key.split(":")[1] if key.startswith("agent:") and key.count(":") >= 2 else ""
+        if agent_id not in self.bus.router.agents() or key not in self.bus.store_for(agent_id).index["keys"]:
+            raise RpcError(NOT_FOUND, f"no session {key!r}; sessions.list names them")
+        session = self.bus.store_for(agent_id).for_key(key)
+        return {"session_key": key, "messages": list(session.messages)}
+
+    async def sessions_list(self, connection, request_id, params: dict) -> dict:
+        sessions = []
+        for agent_id in self.bus.router.agents():
+            store = self.bus.store_for(agent_id)
+            keys = {sid: key for key, sid in store.index["keys"].items()}
+            for sid, entry in store.index["sessions"].items():
+                sessions.append({"agent_id": agent_id, "id": sid, "session_key": keys.get(sid),
+                                 "label": entry.get("label"), "messages": entry.get("messages"),
+                                 "updated": entry.get("updated")})
+        return {"sessions": sessions}
+
+    async def agents_list(self, connection, request_id, params: dict) -> dict:
+        return {"agents": [vars(agent) for agent in self.bus.router.agents().values()],
+                "default_agent": self.bus.router.config["default_agent"]}
+
+    async def bindings_list(self, connection, request_id, params: dict) -> dict:
+        bindings = self.bus.router.config["bindings"]
+        return {"bindings": [dict(b, tier=binding_tier(b["match"])) for b in bindings],
+                "dm_scope": self.bus.router.config["dm_scope"]}
+
+    def match_params(self, params: dict) -> dict:
+        match = {"channel": text_param(params, "channel", pattern=SAFE_ID)}
+        for name in ("account", "peer", "group"):
+            value = text_param(params, name, required=False, pattern=PEER_ID)
+            if value:
+                match[name] = value
+        return match
+
+    async def bindings_set(self, connection, request_id, params: dict) -> dict:
+        agent_id = text_param(params, "agent_id")
+        if agent_id not in self.bus.router.agents():
+            raise RpcError(INVALID_PARAMS, f"no agent {agent_id!r}; agents.list names them")
+        binding = self.bus.router.set_binding(agent_id, self.match_params(params))
+        return {"binding": dict(binding, tier=binding_tier(binding["match"]))}
+
+    async def bindings_remove(self, connection, request_id, params: dict) -> dict:
+        return {"removed": self.bus.router.remove_binding(self.match_params(params))}
+
+    async def route_resolve(self, connection, request_id, params: dict) -> dict:
+        match = self.match_params(params)
+        route = self.bus.router.resolve(probe_message(match["channel"], match.get("peer") or "someone",
+                                                      match.get("account", ""), match.get("group")))
+        return {"agent_id": route.agent.id, "tier": route.tier, "session_key": route.session_key,
+                "binding": route.binding}
+
+    async def status_of(self, connection, request_id, params: dict) -> dict:
+        return {"uptime_seconds": round(time.time() - self.started), "connections": len(self.connections),
+                "channels": {c.name: {"state": c.state, "detail": c.detail, "last_error": c.last_error}
+                             for c in self.bus.channels.values()},
+                "agents": list(self.bus.router.agents()), "sessions_in_line": len(self.bus.waiting)}
+
+    # --- the channel side: what the bus hands back ---------------------------------------
+    def put(self, message: InboundMessage, kind: str, text: str) -> None:
+        """From a worker thread into the request's queue, on the gateway's loop."""
+        pieces = self.replies.get(message.raw.get("reply_id"))
+        if pieces is not None:
+            self.loop.call_soon_threadsafe(pieces.put_nowait, (kind, text))
+
+    def stream(self, message: InboundMessage, text: str) -> None:
+        self.put(message, "delta", text)
+
+    def send(self, message: InboundMessage, text: str) -> None:
+        self.put(message, "notice", text)  # "waiting for approval" and the like
+
+    def answer(self, message: InboundMessage, text: str) -> None:
+        self.put(message, "answer", text)
+
+    def stop(self) -> None:
+        if self.server is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.shut_down(), self.loop).result(5)
+        except Exception:
+            pass  # stopping anyway
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=3)
+        self.state, self.detail = "off", "stopped"
+
+
+    async def shut_down(self) -> None:
+        """Close every connection (a client that does not answer gets 2 s), then end what is left."""
+        self.server.close()
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), 2)
+        except asyncio.TimeoutError:
+            pass
+        leftovers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+def probe_message(channel: str, peer: str, account: str = "", group: str | None = None) -> InboundMessage:
+    """A message as it would arrive, for route.resolve and /route: from `peer`, in `group` if given."""
+    return InboundMessage(channel=channel, account=account, peer=group or peer, sender=peer, text="",
+                          is_group=group is not None)
+
+
+CHAT_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Agent gateway</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { font: 15px/1.5 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+  #log { border: 1px solid #ccc; border-radius: 6px; padding: .5rem 1rem; min-height: 12rem; white-space: pre-wrap; }
+  .you { color: #555; } .you::before { content: "You: "; font-weight: 600; }
+  .agent::before { content: "Agent: "; font-weight: 600; } .notice { color: #a60; font-style: italic; }
+  form { display: flex; gap: .5rem; margin-top: .75rem; } input { flex: 1; padding: .4rem; font: inherit; }
+  #status { color: #777; font-size: 13px; }
+</style>
+</head>
+<body>
+<h1>Agent gateway</h1>
+<div id="log"></div>
+<form id="form"><input id="text" autocomplete="off" placeholder="Say something" disabled><button>Send</button></form>
+<p id="status">connecting...</p>
+<script>
+// The token travels in the URL's #fragment, which the browser never sends to a server.
+const token = new URLSearchParams(location.hash.slice(1)).get("token") || "";
+const peer = localStorage.getItem("gateway-peer") || "web-" + Math.random().toString(36).slice(2, 10);
+localStorage.setItem("gateway-peer", peer);
+const log = document.getElementById("log"), input = document.getElementById("text");
+const status = document.getElementById("status");
+const ws = new WebSocket("ws://" + location.host + "/");
+const waiting = {}, bubbles = {};
+let nextId = 1;
+
+function line(kind, text) {
+  const div = document.createElement("div");
+  div.className = kind;
+  div.textContent = text;  // text, never HTML: a reply cannot inject markup
+  log.appendChild(div);
+  return div;
+}
+function call(method, params) {
+  const id = nextId++;
+  ws.send(JSON.stringify({jsonrpc: "2.0", id, method, params}));
+  return new Promise((resolve, reject) => { waiting[id] = {resolve, reject}; });
+}
+ws.onopen = async () => {
+  try {
+    await call("connect", {token});
+    status.textContent = "connected as " + peer;
+    input.disabled = false;
+    input.focus();
+  } catch (error) { status.textContent = "not connected: " + error.message; }
+};
+ws.onclose = () => { status.textContent = "disconnected"; input.disabled = true; };
+ws.onmessage = (event) => {
+  const msg = JSON.parse(event.data);
+  if (msg.method === "chat.delta") {
+    const bubble = bubbles[msg.params.request_id];
+    if (bubble) { bubble.textContent += msg.params.text; bubble.dataset.deltas = +(bubble.dataset.deltas || 0) + 1; }
+  } else if (msg.method === "chat.notice") {
+    line("notice", msg.params.text);
+  } else if (msg.id in waiting) {
+    const {resolve, reject} = waiting[msg.id];
+    delete waiting[msg.id];
+    msg.error ? reject(new Error(msg.error.message)) : resolve(msg.result);
+  }
+};
+document.getElementById("form").onsubmit = async (event) => {
+  event.preventDefault();
+  const text = input.value.trim();
+  if (!text) return;
+  input.value = "";
+  line("you", text);
+  const id = nextId;
+  const bubble = bubbles[id] = line("agent", "");
+  try {
+    const result = await call("chat.send", {text, peer_id: peer});
+    bubble.textContent = result.text;  // the whole reply, exactly as saved
+    bubble.dataset.done = "yes";
+  } catch (error) { bubble.className = "notice"; bubble.textContent = error.message; }
+};
+</script>
+</body>
+</html>
+"""
+
+
+# --- The REPL --------------------------------------------------------------
+HELP = """Commands:
+  /new [label]  start a new session (the old one stays on disk)
+  /list         list the sessions, newest first
+  /switch X     switch to a session by id, id prefix or label prefix
+  /context      how full the model's context window is
+  /compact      summarize the older part of this session now
+  /channels     each channel: on or off (and why), last error
+  /pair         senders waiting to be paired; /pair approve CODE, /pair deny CODE
+  /approvals    commands from remote chats waiting for you; /approve ID [always], /deny ID
+  /gateway      the gateway's address, token and connections
+  /agents       the agents in gateway.json
+  /bindings     which chats go to which agent
+  /route C P [account] [group]   which agent and session a message from P on channel C gets
+  /sessions     the sessions of every agent's chats
+  /help         show this list
+  quit, exit    leave (Ctrl-D and Ctrl-C work too)
+Anything else is sent to the model."""
+
+
+def session_line(session: Session, how: str) -> str:
+    label = session.store.index["sessions"].get(session.id, {}).get("label")
+    return f"Session {session.id}{f' ({label})' if label else ''}: {how}, {len(session.messages)} messages"
+
+
+def run_command(line: str, session: Session, guard: ContextGuard) -> Session:
+    """The session commands. Returns the session to use from now on."""
+    store = session.store
+    command, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if command == "/new":
+        session = store.create(arg or None)
+        print(session_line(session, "new"))
+    elif command == "/list":
+        by_update = sorted(store.index["sessions"].items(), key=lambda kv: kv[1].get("updated") or "", reverse=True)
+        for sid, entry in by_update:
+            mark = "*" if sid == session.id else " "
+            label = f" ({entry['label']})" if entry.get("label") else ""
+            count = entry.get("messages")
+            print(f"  {mark} {sid}{label}  {'?' if count is None else count} messages, updated {entry.get('updated')}")
+    elif command == "/switch":
+        matches = store.find(arg) if arg else []
+        if len(matches) == 1:
+            session = store.open(matches[0])
+            print(session_line(session, "switched"))
+        elif not arg:
+            print("Usage: /switch <id, id prefix or label prefix>")
+        elif not matches:
+            print(f"No session matches {arg!r}; /list shows them.")
+        else:
+            print(f"{arg!r} matches {len(matches)} sessions: {', '.join(matches)}. Say which.")
+    elif command == "/context":
+        tokens, how = guard.count(session.messages) if session.messages else (0, "empty")
+        print(f"Context: {tokens:,} tokens ({how}) of a {CONTEXT_WINDOW:,}-token window; "
+              f"compaction at {guard.limit:,} ({COMPACT_THRESHOLD:.0%}); {len(session.messages)} messages")
+    elif command == "/compact":
+        guard.compact(session, "asked for with /compact")
+    else:
+        print(f"Unknown command {command}; /help lists the commands.")
+    return session
+
+
+def channel_command(line: str, bus: MessageBus) -> bool:
+    """The channel commands; False when the line is not one of them."""
+    command, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if command == "/channels":
+        for channel in bus.channels.values():
+            error = f"; last error: {channel.last_error}" if channel.last_error else ""
+            print(f"  {channel.name:<9} {channel.state:<9} {channel.detail}{error}")
+    elif command == "/pair":
+        pair_command(arg, bus)
+    elif command == "/approvals":
+        waiting = APPROVALS.pending()
+        for request in waiting:
+            age = time.time() - request["asked"]
+            print(f"  {request['id']}  {request['who']} wants to run: {request['command']}  ({age:.0f} s ago)")
+        if not waiting:
+            print("No commands are waiting for approval.")
+    elif command in ("/approve", "/deny"):
+        request_id, _, always = arg.partition(" ")
+        answer = "deny" if command == "/deny" else "always" if always.strip() == "always" else "once"
+        request = APPROVALS.answer(request_id, answer) if request_id else None
+        if request:
+            print(f"{'Denied' if answer == 'deny' else 'Approved'} for {request['who']}: {request['command']}")
+        else:
+            print(f"No command is waiting with id {request_id!r}; /approvals lists them.")
+    else:
+        return False
+    return True
+
+
+def gateway_command(line: str, bus: MessageBus, gateway: GatewayChannel) -> bool:
+    """The gateway and routing commands; False when the line is not one of them."""
+    command, _, arg = line.partition(" ")
+    args, router = [a if a != "-" else "" for a in arg.split()], bus.router
+    if command == "/gateway":
+        if gateway.state != "on":
+            print(f"The gateway is off: {gateway.detail}")
+        else:
+            where = "GATEWAY_TOKEN" if GATEWAY_TOKEN else TOKEN_FILE
+            print(f"  {gateway.detail}; {len(gateway.connections)} connection(s)")
+            print(f"  token from {where}; the chat page: {gateway.url}#token={gateway.token}")
+    elif command == "/agents":
+        default = router.config["default_agent"]
+        for agent in router.agents().values():
+            mark = " (default)" if agent.id == default else ""
+            print(f"  {agent.id}{mark}: {agent.name}, model {agent.model}, tools {', '.join(agent.tools) or 'none'}")
+    elif command == "/bindings":
+        for binding in router.config["bindings"]:
+            match = " ".join(f"{k}={v}" for k, v in binding["match"].items())
+            print(f"  {binding_tier(binding['match']):<8} {match} -> {binding['agent']}")
+        if not router.config["bindings"]:
+            print(f"No bindings: every message goes to the default agent, {router.config['default_agent']}.")
+        print(f"Direct chats: dm_scope {router.config['dm_scope']}; edit {GATEWAY_FILE.name} or use bindings.set")
+    elif command == "/route":
+        if len(args) < 2:
+            print("Usage: /route <channel> <peer> [account] [group]   (- skips the account)")
+        else:
+            group = args[3] if len(args) > 3 else None
+            route = router.resolve(probe_message(args[0], args[1], args[2] if len(args) > 2 else "", group))
+            print(f"  agent {route.agent.id} ({route.tier} tier), session {route.session_key}")
+    elif command == "/sessions":
+        for agent_id in router.agents():
+            store = bus.store_for(agent_id)
+            for key, session_id in sorted(store.index["keys"].items()):
+                entry = store.index["sessions"].get(session_id, {})
+                print(f"  {key}  {entry.get('messages')} messages, updated {entry.get('updated')}")
+        if not any(bus.store_for(a).index["keys"] for a in router.agents()):
+            print("No chat sessions yet (the terminal's own sessions: /list).")
+    else:
+        return False
+    return True
+
+
+def pair_command(arg: str, bus: MessageBus) -> None:
+    action, _, code = arg.partition(" ")
+    code = code.strip()
+    if not action:
+        requests = bus.pairing.pending()
+        for r in requests:
+            minutes = (time.time() - r["created"]) / 60
+            print(f"  {r['code']}  {r['channel']} user {r.get('name') or '?'} ({r['sender']}), "
+                  f"asked {minutes:.0f} min ago")
+        if not requests:
+            print("No pairing requests.")
+    elif action in ("approve", "deny") and code:
+        request = bus.pairing.answer(code, approve=action == "approve")
+        if request is None:
+            print(f"No pending pairing request has the code {code!r}; /pair lists them.")
+        elif action == "deny":
+            print(f"Denied {request['channel']} user {request['sender']}.")
+        else:
+            print(f"Approved {request['channel']} user {request['sender']}: they can talk to the agent now.")
+            where = InboundMessage(channel=request["channel"], account="", peer=request["peer"],
+                                   sender=request["sender"], text="")
+            try:
+                bus.channels[request["channel"]].send(where, "You are approved. Send your message again.")
+            except Exception as exc:
+                print(f"(could not tell them: {type(exc).__name__}: {exc})")
+    else:
+        print("Usage: /pair, /pair approve CODE, /pair deny CODE")
+
+
+def main() -> int:
+    client = make_client()
+    WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
+    print(f"{SECTION} · model {MODEL_ID} · base URL {BASE_URL or 'https://api.anthropic.com'}")
+    print(f"Workspace: {WORKSPACE_DIR} ({len(TOOLS)} tools)")
+    try:
+        router = Router(GATEWAY_FILE)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    guard = ContextGuard(client)
+    channels = {"terminal": TerminalChannel(),
+                "telegram": TelegramChannel(TELEGRAM_BOT_TOKEN, TELEGRAM_API_BASE),
+                "feishu": FeishuChannel(FEISHU_APP_ID, FEISHU_APP_SECRET, FEISHU_VERIFICATION_TOKEN,
+                                        FEISHU_WEBHOOK_PORT, FEISHU_API_BASE or FEISHU_API_BASES.get(FEISHU_DOMAIN, ""))}
+    bus = MessageBus(client, router, guard, channels, Pairing({"telegram": TELEGRAM_ALLOW_FROM,
+                                                              "feishu": FEISHU_ALLOW_FROM}))
+    channels["webchat"] = gateway = GatewayChannel(bus, GATEWAY_HOST, GATEWAY_PORT, load_gateway_token())
+    # The terminal is routed too: a binding for channel "terminal" picks its agent (at start-up).
+    terminal = router.resolve(probe_message("terminal", "local", "local"))
+    store = bus.store_for(terminal.agent.id)
+    session = store.resume()
+    for channel in channels.values():
+        channel.start(bus.publish)
+    print("Channels: " + " · ".join(channel.status() for channel in channels.values()))
+    if gateway.state == "on":
+        print(f"Gateway: ws://{gateway.host}:{gateway.port} · chat page {gateway.url}#token={gateway.token}")
+    print(f"Terminal: agent {terminal.agent.id} ({terminal.tier} route)")
+    print(session_line(session, "resumed" if session.messages else "new"))
+    print("Type a message, /help for commands, quit to leave.")
+    while True:
+        print_held_lines()
+        at_prompt.set()  # from now until Enter, background lines print above the prompt
+        try:
+            user_text = input(PROMPT).strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        finally:
+            at_prompt.clear()
+        if not user_text:
+            continue
+        if user_text.lower() in ("quit", "exit"):
+            break
+        if user_text == "/help":
+            print(HELP)
+            continue
+        if user_text.startswith("/") and channel_command(user_text, bus):
+            continue
+        if user_text.startswith("/") and gateway_command(user_text, bus, gateway):
+            continue
+        if user_text.startswith("/"):
+            session = run_command(user_text, session, guard)
+            continue
+        agent_turn(client, session, user_text, guard, terminal.agent)
+    for request in APPROVALS.pending():
+        APPROVALS.answer(request["id"], "deny")  # nobody is left to answer it
+    if bus.waiting:
+        print(dim(f"(letting {len(bus.waiting)} remote conversation(s) finish, at most {SHUTDOWN_GRACE:g} s; "
+                  "Ctrl-C to stop now)"))
+    try:
+        bus.wait_until_idle(SHUTDOWN_GRACE)
+    except KeyboardInterrupt:
+        pass
+    for channel in channels.values():
+        channel.stop()  # Telegram stops polling at once; the Feishu webhook and the gateway close
+    print_held_lines()
+    print("Bye.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
