@@ -307,3 +307,16 @@ def test_ctrl_c_during_compaction_leaves_the_session_as_it_was(path, load, fake_
     assert session.messages == before
     assert "compaction interrupted" in capsys.readouterr().out
     assert mod.SessionStore(mod.SESSIONS_DIR).open(session.id).messages == before
+
+
+def test_two_sessions_started_in_one_second_with_the_same_suffix_get_two_files(path, load, monkeypatch):
+    mod = load(path)
+    store = mod.SessionStore(mod.SESSIONS_DIR)
+    draws = iter([b"\x7f\x3a", b"\x7f\x3a", b"\x00\x01"])
+    monkeypatch.setattr(mod.time, "strftime", lambda fmt, *a: "20261121-093000" if "%H" in fmt else fmt)
+    monkeypatch.setattr(mod.os, "urandom", lambda n: next(draws))
+    first, second = store.create("one"), store.create("two")
+    assert (first.id, second.id) == ("20261121-093000-7f3a", "20261121-093000-0001")
+    first.messages.append({"role": "user", "content": "mine"})
+    first.save()
+    assert store.path(second.id).read_text() == ""

@@ -573,14 +573,24 @@ class SessionStore:
         return self.root / f"{session_id}.jsonl"
 
     def create(self, label: str | None = None) -> Session:
-        session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-        self.path(session_id).touch()
+        session_id = self.new_file()
         self.index["sessions"][session_id] = {"label": label, "created": now_iso(), "updated": now_iso(),
                                               "messages": 0}
         self.index["current"] = session_id
         self.write_index()
         self.saved[session_id] = []
         return Session(self, session_id, [])
+
+    def new_file(self) -> str:
+        """A fresh session id and its empty file, created exclusively: two sessions started in
+        the same second that draw the same suffix can never end up sharing one file."""
+        while True:
+            session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+            try:
+                self.path(session_id).touch(exist_ok=False)
+                return session_id
+            except FileExistsError:
+                continue  # taken: draw again
 
     def open(self, session_id: str) -> Session:
         messages = self.replay(session_id)
