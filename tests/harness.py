@@ -45,6 +45,14 @@ def sections_from(first: str) -> list[Path]:
     return [p for p in section_files() if section_id(p) >= first]
 
 
+def runs_whole_process(path: Path, first: str) -> bool:
+    """Whole-process runs cost about a second each (the SDK's import), so a test that starts
+    the section as a subprocess runs on the section where its idea lands and on the newest
+    one, which carries every idea; in-process tests cover the sections between."""
+    sections = sections_from(first)
+    return path in (sections[0], sections[-1])
+
+
 def env_example_names() -> list[str]:
     names = []
     for line in (REPO / ".env.example").read_text(encoding="utf-8").splitlines():

@@ -220,6 +220,8 @@ BAD_FRAMES = [
     ("no peer", json.dumps({"jsonrpc": "2.0", "id": 1, "method": "chat.send", "params": {"text": "hi"}}), -32602),
     ("hostile peer", json.dumps({"jsonrpc": "2.0", "id": 1, "method": "chat.send",
                                  "params": {"text": "hi", "peer_id": "../../etc"}}), -32602),
+    ("peer forging a key", json.dumps({"jsonrpc": "2.0", "id": 1, "method": "chat.send",
+                                       "params": {"text": "hi", "peer_id": "x:direct:42"}}), -32602),
     ("unknown agent", json.dumps({"jsonrpc": "2.0", "id": 1, "method": "chat.send",
                                   "params": {"text": "hi", "peer_id": "x", "agent_id": "root"}}), -32602),
     ("unknown session", json.dumps({"jsonrpc": "2.0", "id": 1, "method": "chat.history",

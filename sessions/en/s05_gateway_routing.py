@@ -1906,7 +1906,7 @@ MAX_IN_FLIGHT = 16            # requests one connection may have running at once
 MAX_CONNECTIONS = 64
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
 UNAUTHORIZED, NOT_FOUND, BUSY = -32001, -32004, -32005  # this gateway's own codes (-32000 to -32099)
-PEER_ID = re.compile(r"^[\w.@:-]{1,64}$")
+PEER_ID = re.compile(r"^[\w.@-]{1,64}$")  # no ":": it separates the parts of a session key
 
 
 class RpcError(Exception):
