@@ -286,14 +286,17 @@ def test_two_sends_to_one_session_run_one_after_the_other(path, load, fake_api, 
         calls_while_first_runs = len(fake_api.requests)
         gate.set()
         first.join(10), second.join(10)
-        return calls_while_first_runs, results
-    code, out, (calls, results) = with_gateway(load(path), monkeypatch, capsys, body)
+        history = a.call("chat.history", {"session_key": "agent:main:webchat:direct:p"})["result"]["messages"]
+        return calls_while_first_runs, results, history
+    code, out, (calls, results, history) = with_gateway(load(path), monkeypatch, capsys, body)
     assert calls == 1  # "two" waited in line
+    assert_valid_history(history)
+    assert [m["content"] if isinstance(m["content"], str) else m["content"][0]["text"] for m in history] == [
+        "one", "first answer", "two", "(fake) you said: two"]
     assert results["a"]["result"]["text"] == "first answer"
     assert results["b"]["result"]["text"] == "(fake) you said: two"
-    history = fake_api.requests[1]["messages"]
-    assert [m["role"] for m in history] == ["user", "assistant", "user"]
-    assert_valid_history(history)
+    sent = fake_api.requests[1]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
 
 
 def test_two_sessions_run_at_the_same_time(path, load, fake_api, monkeypatch, capsys):
@@ -433,6 +436,12 @@ def test_an_agent_gets_its_own_model_tools_and_session_folder(path, load, fake_a
     assert result["is_error"] and "unknown tool 'bash'" in result["content"]  # asked anyway: refused
     assert not (workspace / "owned.txt").exists()
     assert list((workspace / ".state" / "sessions" / "reader").glob("*.jsonl"))
+
+
+def test_an_agent_without_tools_sends_no_tools_field(path, load, fake_api, monkeypatch, capsys, workspace):
+    write_config(workspace, agents=[{"id": "main", "name": "Claw", "model": None, "tools": []}])
+    code, out = drive_repl(load(path), ["hi"], monkeypatch, capsys)
+    assert "tools" not in fake_api.requests[0] and "(fake) you said: hi" in out
 
 
 def test_telegram_messages_route_through_the_binding_table(path, load, fake_api, monkeypatch, capsys, workspace):

@@ -513,7 +513,8 @@ def run_tool(name: str, tool_input: dict, allowed: list | None = None) -> tuple[
     """Run one tool call. Returns (content, is_error); never raises for a tool's failure.
     `allowed` is the agent's tool list: a tool it does not have is refused like an unknown one."""
     if name not in TOOL_HANDLERS or (allowed is not None and name not in allowed):
-        return f"unknown tool {name!r}; the tools are {', '.join(allowed or TOOL_HANDLERS)}", True
+        known = TOOL_HANDLERS if allowed is None else allowed
+        return f"unknown tool {name!r}; the tools are {', '.join(known) or 'none'}", True
     try:
         check_arguments(name, tool_input)
         return TOOL_HANDLERS[name](**tool_input), False
@@ -932,7 +933,7 @@ def stream_reply(client: anthropic.Anthropic, messages: list,
     An agent from gateway.json brings its own model and its own tools."""
     model, tools = (agent.model, agent.tool_schemas()) if agent else (MODEL_ID, TOOLS)
     with client.messages.stream(model=model, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
-                                tools=tools, messages=messages) as stream:
+                                tools=tools or anthropic.omit, messages=messages) as stream:
         for text in stream.text_stream:
             say(text, end="")
         return stream.get_final_message()
