@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -197,3 +198,30 @@ def new_conversation(module):
 
 def history_of(conversation) -> list:
     return conversation if isinstance(conversation, list) else conversation.messages
+
+
+def wait_for(condition, timeout: float = 10, what: str = "condition"):
+    """Call condition() until it returns something true (returned), or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Screen:
+    """What the terminal has shown so far, read while a section's REPL is still running
+    (drive_repl's callable inputs run at the prompt, on the test's thread)."""
+
+    def __init__(self, capsys):
+        self.capsys, self.text = capsys, ""
+
+    def wait_for(self, needle: str, timeout: float = 10) -> str:
+        def seen():
+            self.text += self.capsys.readouterr().out
+            return needle in self.text
+        wait_for(seen, timeout, repr(needle))
+        return self.text
+

@@ -17,7 +17,7 @@ import telegram
 from fake_anthropic import last_user_text, reply, tool_use
 from fake_feishu import FakeFeishu, message_event, url_verification
 from fake_telegram import FakeTelegram
-from harness import assert_valid_history, drive_repl, isolated_env, sections_from, section_id
+from harness import Screen, assert_valid_history, drive_repl, isolated_env, section_id, sections_from, wait_for
 
 SECTIONS = sections_from("s04")
 VERIFY = "verify-me"  # the Feishu verification token the tests configure
@@ -55,30 +55,6 @@ def free_port() -> int:
 def feishu_env(fs, port, **extra):
     return {"FEISHU_APP_ID": fs.app_id, "FEISHU_APP_SECRET": fs.app_secret, "FEISHU_VERIFICATION_TOKEN": VERIFY,
             "FEISHU_WEBHOOK_PORT": str(port), "FEISHU_API_BASE": fs.api_base, **extra}
-
-
-def wait_for(condition, timeout: float = 10, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Screen:
-    """What the terminal has shown so far, read while the REPL is still running."""
-
-    def __init__(self, capsys):
-        self.capsys, self.text = capsys, ""
-
-    def wait_for(self, needle: str, timeout: float = 10) -> str:
-        def seen():
-            self.text += self.capsys.readouterr().out
-            return needle in self.text
-        wait_for(seen, timeout, repr(needle))
-        return self.text
 
 
 def texts(sent) -> list[str]:

@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 from browser import Browser, browser_required, find_chromium
 from fake_anthropic import last_user_text, reply, tool_use
 from fake_telegram import FakeTelegram
-from harness import assert_valid_history, drive_repl, section_id, sections_from
+from harness import Screen, assert_valid_history, drive_repl, section_id, sections_from, wait_for
 
 SECTIONS = sections_from("s05")
 
@@ -26,32 +26,15 @@ def path(request):
     return request.param
 
 
-def wait_for(condition, timeout: float = 10, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Gateway:
+class Gateway(Screen):
     """The running section's gateway, as its banner announces it."""
 
     def __init__(self, capsys):
-        self.capsys, self.text = capsys, ""
+        super().__init__(capsys)
         banner = self.wait_for("Type a message")
         m = re.search(r"Gateway: ws://127\.0\.0\.1:(\d+) · chat page (http://\S+/)#token=(\S+)", banner)
         assert m, banner
         self.port, self.page, self.token = int(m.group(1)), m.group(2), m.group(3)
-
-    def wait_for(self, needle: str, timeout: float = 10) -> str:
-        def seen():
-            self.text += self.capsys.readouterr().out
-            return needle in self.text
-        wait_for(seen, timeout, repr(needle))
-        return self.text
 
     def client(self, token: str | None = "", origin: str | None = None) -> "Client":
         """A connected client; token "" means the right one, None means do not send connect."""

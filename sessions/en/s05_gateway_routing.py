@@ -2255,7 +2255,7 @@ const peer = localStorage.getItem("gateway-peer") || "web-" + Math.random().toSt
 localStorage.setItem("gateway-peer", peer);
 const log = document.getElementById("log"), input = document.getElementById("text");
 const status = document.getElementById("status");
-const ws = new WebSocket("ws://" + location.host + "/");
+const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/");
 const waiting = {}, bubbles = {};
 let nextId = 1;
 
