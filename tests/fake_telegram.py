@@ -37,7 +37,7 @@ class FakeTelegram:
         self.sent: list[dict] = []          # sendMessage parameters, in order
         self.actions: list[dict] = []       # sendChatAction parameters
         self.calls: list[tuple[float, str, dict]] = []
-        self.failures: list[tuple[int | None, str]] = []
+        self.failures: list[tuple[int | None, str, str | None]] = []
         self.changed = threading.Condition()
         self._update_ids = count(1)
         self._message_ids = count(1000)
@@ -89,10 +89,11 @@ class FakeTelegram:
         return {"message_id": next(self._message_ids), "date": int(time.time()), "chat": chat, "text": text,
                 "from": {"id": user_id, "is_bot": False, "first_name": first_name, "username": username}}
 
-    def fail(self, status: int | None, description: str = "", times: int = 1) -> None:
-        """Answer the next `times` calls with an error (status None: drop the connection)."""
+    def fail(self, status: int | None, description: str = "", times: int = 1, method: str | None = None) -> None:
+        """Answer the next `times` calls (of `method`, or of any method) with an error
+        (status None: drop the connection)."""
         with self.changed:
-            self.failures.extend([(status, description)] * times)
+            self.failures.extend([(status, description, method)] * times)
 
     def wait_for_sent(self, n: int, timeout: float = 10) -> list[dict]:
         """Wait until at least n messages were sent; return them all."""
@@ -153,11 +154,14 @@ class FakeTelegram:
                 method = self.path[len(prefix):] if self.path.startswith(prefix) else None
                 fake.calls.append((time.monotonic(), method or self.path, params))
                 with fake.changed:
-                    failure = fake.failures.pop(0) if fake.failures else None
+                    due = [f for f in fake.failures if f[2] in (None, method)]
+                    failure = due[0] if due else None
+                    if failure:
+                        fake.failures.remove(failure)
                 if method is None:
                     return self.reply(404, {"ok": False, "error_code": 404, "description": "Not Found"})
                 if failure is not None:
-                    status, description = failure
+                    status, description, _ = failure
                     if status is None:  # a network outage: no answer at all
                         self.close_connection = True
                         self.connection.shutdown(2)

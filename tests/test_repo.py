@@ -135,3 +135,17 @@ def test_tools_md_describes_only_tools_that_exist():
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TOOL_HANDLERS" for t in node.targets):
             tool_names = {k.value for k in node.value.keys}
     assert named and named <= tool_names, f"TOOLS.md names {sorted(named - tool_names)}, which do not exist"
+
+
+@pytest.mark.parametrize("path", section_files(), ids=lambda p: p.name[:3])
+def test_help_lists_exactly_the_commands_the_repl_handles(path):
+    """/help is the REPL's documentation: every command the terminal handles is on it, and
+    nothing on it is unhandled. (Commands a remote chat may send, like /new, are not the REPL's.)"""
+    source = path.read_text(encoding="utf-8")
+    handled = set(re.findall(r'(?:command|user_text) == "(/[a-z][\w-]*)"', source))
+    for group in re.findall(r"command in \(([^)]*)\)", source):
+        handled |= set(re.findall(r'"(/[a-z][\w-]*)"', group))
+    help_text = next(node.value.value for node in ast.parse(source).body
+                     if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HELP")
+    listed = set(re.findall(r"(?<![\w/])(/[a-z][\w-]*)", help_text))
+    assert listed == handled, f"on /help but not handled: {listed - handled}; handled but not on /help: {handled - listed}"

@@ -336,6 +336,23 @@ def test_a_failing_bot_api_is_polled_with_growing_waits_and_recovers(path, load,
     assert "last error" in out  # /channels keeps the last error
 
 
+def test_a_reply_that_cannot_be_sent_is_logged_and_the_next_message_is_answered(path, load, fake_api, tg,
+                                                                                monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    tg.fail(500, "Internal Server Error", method="sendMessage")
+    screen = Screen(capsys)
+
+    def chat():
+        tg.push(tg.private_message("first", user_id=42))
+        screen.wait_for("not answered")
+        tg.push(tg.private_message("second", user_id=42))
+        tg.wait_for_sent(1)
+        return "quit"
+    code, out = drive_repl(mod, [chat], monkeypatch, capsys)
+    assert code == 0 and texts(tg.sent) == ["(fake) you said: second"]
+    assert "not answered: NetworkError" in screen.text and "Traceback" not in screen.text + out
+
+
 def test_a_token_telegram_does_not_know_switches_the_channel_off(path, load, fake_api, tg, monkeypatch, capsys):
     mod = load(path, TELEGRAM_BOT_TOKEN="999:WRONG", TELEGRAM_API_BASE=tg.api_base)
     screen = Screen(capsys)
