@@ -552,3 +552,18 @@ def test_the_lessons_protocol_exchange_really_happens(path, load, fake_api, monk
         return seen
     code, out, seen = with_gateway(load(path), monkeypatch, capsys, body)
     assert seen and all(shown == received for shown, received in seen), seen
+
+
+def test_the_lessons_client_script_works(path, load, fake_api, monkeypatch, capsys, workspace):
+    import subprocess
+    import sys
+    lesson = SECTIONS[0].with_suffix(".md").read_text(encoding="utf-8")
+    script = re.search(r"python - <<'EOF'\n(.*?)\nEOF", lesson, flags=re.S).group(1)
+
+    def body(gw):
+        run = subprocess.run([sys.executable, "-"], input=script.replace("18789", str(gw.port)), capture_output=True,
+                             text=True, cwd=workspace.parent, timeout=30)
+        return run
+    code, out, run = with_gateway(load(path), monkeypatch, capsys, body)
+    assert run.returncode == 0, run.stderr
+    assert "'result': {'text': '(fake) you said: Hello from a script'" in run.stdout
