@@ -248,7 +248,7 @@ def test_a_client_that_stops_reading_holds_up_nobody(path, load, fake_api, monke
         answer = other.call("status")
         return time.monotonic() - started, answer
     code, out, (elapsed, answer) = with_gateway(load(path), monkeypatch, capsys, body)
-    assert "result" in answer and elapsed < 2
+    assert "result" in answer and elapsed < 5  # the stuck client would hold it forever
 
 
 # --- One turn per session; sessions in parallel ------------------------------------------------------
