@@ -17,7 +17,8 @@ import telegram
 from fake_anthropic import last_user_text, reply, tool_use
 from fake_feishu import FakeFeishu, message_event, url_verification
 from fake_telegram import FakeTelegram
-from harness import Screen, assert_valid_history, drive_repl, isolated_env, section_id, sections_from, wait_for
+from harness import (Screen, assert_valid_history, drive_repl, isolated_env, runs_whole_process, section_id,
+                     sections_from, wait_for)
 
 SECTIONS = sections_from("s04")
 VERIFY = "verify-me"  # the Feishu verification token the tests configure
@@ -666,3 +667,73 @@ def test_feishu_domain_picks_the_api(path, load, fake_api, monkeypatch, capsys, 
            "FEISHU_WEBHOOK_PORT": str(free_port()), "FEISHU_DOMAIN": domain}  # nothing is sent: no fake needed
     code, out = drive_repl(load(path, **env), ["/channels"], monkeypatch, capsys)
     assert code == 0 and shown in out
+
+
+# --- The terminal while other channels talk ---------------------------------------------------------------
+
+def test_background_lines_wait_while_a_terminal_turn_prints(path, load, fake_api, tg, monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    gate = threading.Event()
+    fake_api.script(reply("The terminal's answer, streamed.", chunks=["The terminal's ", "answer, streamed."],
+                          gate=gate), reply("Telegram's answer."))
+
+    def meanwhile():
+        wait_for(lambda: fake_api.requests, what="the terminal's call")
+        tg.push(tg.private_message("from the phone", user_id=42))
+        tg.wait_for_sent(1)  # answered while the terminal's reply is still streaming
+        gate.set()
+    helper = threading.Thread(target=meanwhile)
+    helper.start()
+    code, out = drive_repl(mod, ["a slow question"], monkeypatch, capsys)
+    helper.join(10)
+    answer = out.index("The terminal's answer, streamed.")
+    assert out.index("[telegram] Ada (42): from the phone") > answer  # held, then printed after the turn
+    assert "The terminal's answer, streamed.\n" in out  # nothing landed inside the streamed line
+
+
+def test_at_the_prompt_a_background_line_goes_above_what_you_are_typing(path, tg, fake_api, workspace):
+    """In a real terminal (a pty): type half a line, let a Telegram message arrive, finish the line."""
+    if not runs_whole_process(path, "s04"):
+        pytest.skip("whole-process run: first and newest section only (in-process tests cover this one)")
+    import os
+    import pty
+    import select
+    env = isolated_env(workspace, fake_api.base_url, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    env.pop("NO_COLOR")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the section, in the pty
+        os.chdir(workspace.parent)
+        os.execve(sys.executable, [sys.executable, str(path)], env)
+    screen = b""
+
+    def read_until(needle: bytes, after: int = 0, timeout: float = 15) -> int:
+        """Read the pty until `needle` shows up past position `after`; return where it ends."""
+        nonlocal screen
+        deadline = time.monotonic() + timeout
+        while needle not in screen[after:] and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    screen += os.read(fd, 65536)
+                except OSError:
+                    break
+        assert needle in screen[after:], screen[-500:]
+        return screen.index(needle, after) + len(needle)
+    try:
+        read_until(b"You > ")
+        wait_for(lambda: tg.calls_of("getUpdates"), what="polling")
+        os.write(fd, b"hel")
+        read_until(b"You > hel")
+        tg.push(tg.private_message("ping from the phone", user_id=42))
+        ping = read_until(b"ping from the phone")
+        read_until(b"You > hel", after=ping, timeout=5)  # the prompt and the half-typed line, drawn again below
+        os.write(fd, b"lo\n")
+        answered = read_until(b"(fake) you said: hello")
+        read_until(b"You > ", after=answered)
+        os.write(fd, b"\x04")  # Ctrl-D
+        read_until(b"Bye.", after=answered)
+    finally:
+        os.kill(pid, 9) if os.waitpid(pid, os.WNOHANG) == (0, 0) else None
+        os.close(fd)
+    line = screen.index(b"ping from the phone")
+    assert b"\r\x1b[K" in screen[line - 40:line]  # the half-typed line was cleared first
+    assert b"\nYou > hel" in screen[line:]
