@@ -732,7 +732,9 @@ def test_at_the_prompt_a_background_line_goes_above_what_you_are_typing(path, tg
         os.write(fd, b"\x04")  # Ctrl-D
         read_until(b"Bye.", after=answered)
     finally:
-        os.kill(pid, 9) if os.waitpid(pid, os.WNOHANG) == (0, 0) else None
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running: the test failed before Ctrl-D
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
         os.close(fd)
     line = screen.index(b"ping from the phone")
     assert b"\r\x1b[K" in screen[line - 40:line]  # the half-typed line was cleared first
