@@ -1167,6 +1167,10 @@ class Channel:
         """The final answer to a message. For a chat that is one more message."""
         self.send(message, text)
 
+    def failed(self, message: InboundMessage, exc: Exception) -> None:
+        """The message could not be answered. A chat waits for nothing (the log line says it);
+        the gateway has a request waiting."""
+
     def stop(self) -> None:
         pass
 
@@ -1851,8 +1855,7 @@ class MessageBus:
                     self.handle(message)
                 except Exception as exc:  # a failed send, a bug: log it and go on with the next message
                     note(f"[{message.session_key}] not answered: {type(exc).__name__}: {exc}")
-                    if message.via:  # a gateway client is waiting for an answer: give it one
-                        self.channels[message.via].answer(message, f"(not answered: {type(exc).__name__})")
+                    self.channels[message.via or message.channel].failed(message, exc)
 
     def wait_until_idle(self, timeout: float) -> bool:
         """Wait (up to timeout) until no message is waiting or being answered."""
@@ -2196,6 +2199,9 @@ class GatewayChannel(Channel):
 
     def answer(self, message: InboundMessage, text: str) -> None:
         self.put(message, "answer", text)
+
+    def failed(self, message: InboundMessage, exc: Exception) -> None:
+        self.answer(message, f"(not answered: {type(exc).__name__})")  # the client is not left waiting
 
     def stop(self) -> None:
         if self.server is None:
