@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS_DIR = REPO / "sessions" / "en"
 WORKSPACE_SAMPLE = REPO / "workspace"
@@ -46,12 +48,14 @@ def sections_from(first: str) -> list[Path]:
     return [p for p in section_files() if section_id(p) >= first]
 
 
-def runs_whole_process(path: Path, first: str) -> bool:
+def whole_process_only(path: Path, first: str) -> None:
     """Whole-process runs cost about a second each (the SDK's import), so a test that starts
     the section as a subprocess runs on the section where its idea lands and on the newest
-    one, which carries every idea; in-process tests cover the sections between."""
+    one, which carries every idea; it is skipped on the sections between, where in-process
+    tests cover the idea."""
     sections = sections_from(first)
-    return path in (sections[0], sections[-1])
+    if path not in (sections[0], sections[-1]):
+        pytest.skip("whole-process run: first and newest section only (in-process tests cover this one)")
 
 
 def env_example_names() -> list[str]:

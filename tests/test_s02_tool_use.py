@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fake_anthropic import error, reply, tool_use
-from harness import (assert_valid_history, drive_repl, history_of, new_conversation, run_section, runs_whole_process,
-                     section_id, sections_from)
+from harness import (assert_valid_history, drive_repl, history_of, new_conversation, run_section, section_id,
+                     sections_from, whole_process_only)
 
 SECTIONS = sections_from("s02")
 ids = [section_id(p) for p in SECTIONS]
@@ -327,8 +327,7 @@ def test_the_tool_round_cap_stops_a_runaway_loop(path, load, fake_api, monkeypat
 
 
 def test_end_to_end_tool_call_with_approval(path, fake_api, subprocess_env, workspace):
-    if not runs_whole_process(path, "s02"):
-        pytest.skip("whole-process run: first and newest section only (in-process tests cover this one)")
+    whole_process_only(path, "s02")
     fake_api.script(reply("I'll create it.", tools=[tool_use("bash", {"command": "mkdir -p drafts"})]),
                     reply("Created drafts/."))
     run = run_section(path, ["make a drafts folder", "o", "quit"], subprocess_env())

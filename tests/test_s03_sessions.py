@@ -5,8 +5,8 @@ import random
 import pytest
 
 from fake_anthropic import error, reply, tool_use
-from harness import (assert_valid_history, drive_repl, run_section, runs_whole_process, section_id,
-                     sections_from)
+from harness import (assert_valid_history, drive_repl, run_section, section_id, sections_from,
+                     whole_process_only)
 
 SECTIONS = sections_from("s03")
 ids = [section_id(p) for p in SECTIONS]
@@ -281,8 +281,7 @@ def test_compact_command_on_an_empty_session_says_so(path, load, fake_api, monke
 
 
 def test_end_to_end_restart_remembers(path, fake_api, subprocess_env, workspace):
-    if not runs_whole_process(path, "s03"):
-        pytest.skip("whole-process run: first and newest section only (in-process tests cover this one)")
+    whole_process_only(path, "s03")
     fake_api.script(reply("I'll check.", tools=[tool_use("list_dir", {})]), reply("There are ten entries."))
     first = run_section(path, ["what is in the workspace?", "quit"], subprocess_env())
     assert first.returncode == 0, first.stderr

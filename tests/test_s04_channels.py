@@ -3,7 +3,10 @@ allow list or pairing, run in their own sessions on worker threads, and the
 replies go back the way they came. Driven against local fakes of the Telegram
 Bot API and the Feishu open platform; the terminal is driven in-process."""
 import json
+import os
+import pty
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -17,8 +20,8 @@ import telegram
 from fake_anthropic import last_user_text, reply, tool_use
 from fake_feishu import FakeFeishu, message_event, url_verification
 from fake_telegram import FakeTelegram
-from harness import (Screen, assert_valid_history, drive_repl, isolated_env, runs_whole_process, section_id,
-                     sections_from, wait_for)
+from harness import (Screen, assert_valid_history, drive_repl, isolated_env, section_id, sections_from, wait_for,
+                     whole_process_only)
 
 SECTIONS = sections_from("s04")
 VERIFY = "verify-me"  # the Feishu verification token the tests configure
@@ -693,11 +696,7 @@ def test_background_lines_wait_while_a_terminal_turn_prints(path, load, fake_api
 
 def test_at_the_prompt_a_background_line_goes_above_what_you_are_typing(path, tg, fake_api, workspace):
     """In a real terminal (a pty): type half a line, let a Telegram message arrive, finish the line."""
-    if not runs_whole_process(path, "s04"):
-        pytest.skip("whole-process run: first and newest section only (in-process tests cover this one)")
-    import os
-    import pty
-    import select
+    whole_process_only(path, "s04")
     env = isolated_env(workspace, fake_api.base_url, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
     env.pop("NO_COLOR")
     pid, fd = pty.fork()

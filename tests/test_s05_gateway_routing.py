@@ -6,8 +6,12 @@ import json
 import re
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -509,9 +513,6 @@ def test_the_chat_page_sends_and_shows_the_reply_as_it_streams(path, load, fake_
 
 
 def test_the_page_is_served_and_other_paths_are_not(path, load, fake_api, monkeypatch, capsys):
-    import urllib.error
-    import urllib.request
-
     def body(gw):
         with urllib.request.urlopen(gw.page, timeout=5) as page:
             html, kind = page.read().decode(), page.headers["Content-Type"]
@@ -555,8 +556,6 @@ def test_the_lessons_protocol_exchange_really_happens(path, load, fake_api, monk
 
 
 def test_the_lessons_client_script_works(path, load, fake_api, monkeypatch, capsys, workspace):
-    import subprocess
-    import sys
     lesson = SECTIONS[0].with_suffix(".md").read_text(encoding="utf-8")
     script = re.search(r"python - <<'EOF'\n(.*?)\nEOF", lesson, flags=re.S).group(1)
 
