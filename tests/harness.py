@@ -77,7 +77,8 @@ def section_env_values(workspace: Path, base_url: str | None, **extra: str) -> d
     """The variables a test run sets: all of .env.example (blank), then ours."""
     values = {name: "" for name in env_example_names()}
     # GATEWAY_PORT 0: each run's gateway (s05 on) takes a free port, so parallel tests never collide.
-    values.update({"WORKSPACE_DIR": str(workspace), "NO_COLOR": "1", "GATEWAY_PORT": "0"})
+    values.update({"WORKSPACE_DIR": str(workspace), "STATE_DIR": str(state_of(workspace)),
+                   "NO_COLOR": "1", "GATEWAY_PORT": "0"})
     if base_url is not None:
         values.update({"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key"})
     values.update(extra)
@@ -90,6 +91,16 @@ def isolated_env(workspace: Path, base_url: str | None, **extra: str) -> dict[st
     env.update(section_env_values(workspace, base_url, **extra))
     env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"})
     return env
+
+
+def state_of(workspace: Path) -> Path:
+    """The state folder the tests give a workspace: beside it, never inside it."""
+    return workspace.parent / "state"
+
+
+def main_store(module):
+    """The default agent's session store of a section (s03 on)."""
+    return module.SessionStore(module.SESSIONS_ROOT / module.AGENT_ID)
 
 
 def copy_workspace(dest: Path) -> Path:
@@ -196,7 +207,7 @@ def new_conversation(module):
     """What this section's agent_turn takes as its conversation: a plain list up
     to s02; from s03 on, a Session that saves itself."""
     if hasattr(module, "SessionStore"):
-        return module.SessionStore(module.SESSIONS_DIR).create()
+        return main_store(module).create()
     return []
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from fake_anthropic import error, reply, tool_use
-from harness import (assert_valid_history, drive_repl, run_section, section_id, sections_from,
+from harness import (assert_valid_history, drive_repl, run_section, section_id, sections_from, main_store, state_of,
                      whole_process_only)
 
 SECTIONS = sections_from("s03")
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.parametrize("path", SECTIONS, ids=ids)
 
 
 def sessions_dir(workspace):
-    return workspace / ".state" / "sessions" / "main"
+    return state_of(workspace) / "sessions" / "main"
 
 
 def random_history(mod, rng: random.Random, session) -> None:
@@ -40,17 +40,17 @@ def test_random_histories_round_trip_exactly(path, load):
     mod = load(path)
     for seed in range(40):
         rng = random.Random(seed)
-        store = mod.SessionStore(mod.SESSIONS_DIR)
+        store = main_store(mod)
         session = store.create()
         random_history(mod, rng, session)
         assert_valid_history(session.messages)
-        reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+        reopened = main_store(mod).open(session.id)
         assert reopened.messages == session.messages, f"seed {seed}"
 
 
 def test_session_file_is_append_only_jsonl(path, load, workspace):
     mod = load(path)
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     session = store.create()
     random_history(mod, random.Random(7), session)
     lines = store.path(session.id).read_text().splitlines()
@@ -58,7 +58,41 @@ def test_session_file_is_append_only_jsonl(path, load, workspace):
     assert {r["type"] for r in records} == {"message"}  # no rewrite: every save was an append
     index = json.loads((sessions_dir(workspace) / "sessions.json").read_text())
     assert index["current"] == session.id
-    assert index["sessions"][session.id]["messages"] == len(session.messages)
+
+
+def test_a_thousand_turns_append_exactly_their_records_and_never_rewrite_the_index(path, load,
+                                                                                      workspace):
+    mod = load(path)
+    store = main_store(mod)
+    session = store.create()
+    index_file = sessions_dir(workspace) / "sessions.json"
+    index_before = index_file.stat().st_mtime_ns, index_file.read_text()
+    for turn in range(1000):
+        mod.add_user_text(session.messages, f"question {turn}")
+        session.messages.append({"role": "assistant", "content": [{"type": "text", "text": "ok"}]})
+        session.save()
+    lines = store.path(session.id).read_text().splitlines()
+    assert len(lines) == 2000  # one record per message: nothing written twice, no snapshot
+    assert [json.loads(line)["message"] for line in lines] == session.messages
+    assert (index_file.stat().st_mtime_ns, index_file.read_text()) == index_before
+
+
+def test_a_crash_in_the_middle_of_an_append_loses_only_that_line(path, load):
+    mod = load(path)
+    store = main_store(mod)
+    session = store.create()
+    for turn in range(50):
+        mod.add_user_text(session.messages, f"q{turn}")
+        session.messages.append({"role": "assistant", "content": [{"type": "text", "text": "a"}]})
+        session.save()
+    with open(store.path(session.id), "ab") as f:  # the process died while writing this line
+        f.write(b'{"type": "message", "ts": "2026", "message": {"role": "user", "cont')
+    reopened = main_store(mod).open(session.id)
+    assert reopened.messages == session.messages
+    mod.add_user_text(reopened.messages, "after the crash")
+    reopened.save()
+    assert main_store(mod).open(session.id).messages[-1] == {"role": "user",
+                                                             "content": "after the crash"}
 
 
 def test_restart_then_continue_a_session_that_used_tools(path, load, fake_api, monkeypatch, capsys, workspace):
@@ -78,7 +112,7 @@ def test_restart_then_continue_a_session_that_used_tools(path, load, fake_api, m
 
 def test_corrupt_and_torn_lines_are_skipped_with_a_warning(path, load, capsys):
     mod = load(path)
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     session = store.create()
     session.messages.extend([{"role": "user", "content": "one"},
                              {"role": "assistant", "content": [{"type": "text", "text": "two"}]}])
@@ -88,7 +122,7 @@ def test_corrupt_and_torn_lines_are_skipped_with_a_warning(path, load, capsys):
         f.write("this is not json\n")
         f.write('{"type": "message", "message": {"role": "user"}}\n')  # valid JSON, wrong shape
         f.write('{"type": "message", "message": {"role": "user", "content": "thr')  # torn by a crash
-    reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    reopened = main_store(mod).open(session.id)
     out = capsys.readouterr().out
     assert reopened.messages == session.messages[:2]
     assert f"{file.name}:3: skipped a corrupt" in out and f"{file.name}:5: skipped a corrupt" in out
@@ -96,28 +130,28 @@ def test_corrupt_and_torn_lines_are_skipped_with_a_warning(path, load, capsys):
     # the next append starts on a fresh line: the torn fragment cannot swallow it
     reopened.messages.append({"role": "user", "content": "four"})
     reopened.save()
-    again = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    again = main_store(mod).open(session.id)
     assert again.messages[-1] == {"role": "user", "content": "four"}
 
 
 def test_unanswered_tool_use_at_the_end_is_repaired(path, load, capsys):
     mod = load(path)
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     session = store.create()
     call = {"type": "tool_use", "id": "toolu_lost", "name": "bash", "input": {"command": "ls"}}
     with open(store.path(session.id), "a") as f:
         for message in [{"role": "user", "content": "go"}, {"role": "assistant", "content": [call]}]:
             f.write(json.dumps({"type": "message", "message": message}) + "\n")
-    reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    reopened = main_store(mod).open(session.id)
     assert_valid_history(reopened.messages)
     result = reopened.messages[-1]["content"][0]
     assert result["tool_use_id"] == "toolu_lost" and result["is_error"] is True
-    assert "answered 1 tool call(s) that had no result" in capsys.readouterr().out
+    assert "answered 1 tool call that had no result" in capsys.readouterr().out
 
 
 def test_a_lost_call_line_drops_its_orphan_result(path, load):
     mod = load(path)
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     session = store.create()
     lines = [{"role": "user", "content": "go"},
              {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
@@ -126,19 +160,19 @@ def test_a_lost_call_line_drops_its_orphan_result(path, load):
     with open(store.path(session.id), "a") as f:
         for message in lines:
             f.write(json.dumps({"type": "message", "message": message}) + "\n")
-    reopened = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    reopened = main_store(mod).open(session.id)
     assert reopened.messages[-1] == {"role": "user", "content": [{"type": "text", "text": "and then?"}]}
     assert_valid_history(reopened.messages)
 
 
 def test_corrupt_index_is_moved_aside_and_rebuilt(path, load, capsys, workspace):
     mod = load(path)
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     session = store.create("keep me")
     session.messages.append({"role": "user", "content": "hello"})
     session.save()
     (sessions_dir(workspace) / "sessions.json").write_text("{broken")
-    rebuilt = mod.SessionStore(mod.SESSIONS_DIR)
+    rebuilt = main_store(mod)
     assert session.id in rebuilt.index["sessions"]
     assert list(sessions_dir(workspace).glob("sessions.corrupt-*.json"))
     assert "is not valid" in capsys.readouterr().out
@@ -155,20 +189,47 @@ def test_new_list_and_switch_by_label(path, load, fake_api, monkeypatch, capsys)
     assert fake_api.requests[-1]["messages"][0] == {"role": "user", "content": "about work"}
     assert "matches 3 sessions" in out  # the first, unnamed session and the two named ones
     assert "No session matches 'nothing-like-this'" in out and "Usage: /switch" in out
-    listed = [line for line in out.splitlines() if "messages, updated" in line]
+    listed = [line for line in out.splitlines() if "  updated 2" in line]
     assert len(listed) == 3
     assert [line for line in listed if line.startswith("  * ")] == [l for l in listed if "(holiday)" in l]
 
 
-def test_context_command_counts_with_the_api_or_estimates(path, load, fake_api, monkeypatch, capsys):
+def test_context_command_counts_with_the_api_or_estimates(path, load, fake_api, monkeypatch,
+                                                          capsys):
     fake_api.script(reply("Hello."))
     code, out = drive_repl(load(path), ["hi", "/context"], monkeypatch, capsys)
-    assert "tokens (counted by the API) of a 1,000,000-token window; compaction at 750,000 (75%); 2 messages" in out
+    assert ("tokens (counted by the API) of a 1,000,000-token window; compaction at 750,000 (75%); "
+            "2 messages") in out
     fake_api.count_tokens_status = 404  # a local server without the endpoint
     fake_api.script(reply("Hello again."))
     code, out = drive_repl(load(path), ["hi", "/context", "/context"], monkeypatch, capsys)
     assert out.count("(estimated from characters)") == 2
-    assert len(fake_api.count_requests) == 3  # the 404 was asked once, then never again
+    assert len(fake_api.count_requests) == 2  # the 404 was asked once, then never again
+
+
+def test_a_short_chat_sends_nothing_but_its_turns(path, load, fake_api, monkeypatch, capsys):
+    """The guard estimates from the last call's usage: no count_tokens request before a turn."""
+    code, out = drive_repl(load(path), ["one", "two", "three", "four"], monkeypatch, capsys)
+    assert len(fake_api.requests) == 4 and fake_api.count_requests == []
+
+
+def test_the_estimate_follows_the_reported_usage(path, load, fake_api, capsys):
+    """The prompt's size comes from the last response's usage; only near the limit (75% of
+    the window by default) is count_tokens asked for the exact number."""
+    mod = load(path)
+    session = main_store(mod).create()
+    guard = mod.ContextGuard(mod.make_client())
+    fake_api.script(reply("ok", usage={"input_tokens": 500_000, "cache_read_input_tokens": 100_000}))
+    mod.agent_turn(mod.make_client(), session, "hello", guard)
+    assert session.prompt_tokens == 600_000
+    assert 600_000 < guard.estimate(session, "next") < 600_100
+    mod.agent_turn(mod.make_client(), session, "below the margin", guard)
+    assert fake_api.count_requests == []
+    fake_api.script(reply("ok", usage={"input_tokens": 700_000}))  # past 90% of the 750,000 limit
+    mod.agent_turn(mod.make_client(), session, "close to the limit", guard)
+    mod.agent_turn(mod.make_client(), session, "checked", guard)
+    assert len(fake_api.count_requests) == 1  # the real count is small: no compaction
+    assert "compacting" not in capsys.readouterr().out
 
 
 def big_history(mod, session, exchanges=12):
@@ -185,7 +246,7 @@ def big_history(mod, session, exchanges=12):
 
 def test_compaction_keeps_tool_pairs_together_and_survives_restart(path, load, fake_api, capsys):
     mod = load(path, CONTEXT_WINDOW="20000", COMPACT_THRESHOLD="0.5")
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     session = store.create()
     big_history(mod, session)
     before = list(session.messages)
@@ -193,14 +254,15 @@ def test_compaction_keeps_tool_pairs_together_and_survives_restart(path, load, f
     assert mod.ContextGuard(mod.make_client()).compact(session, "test")
     messages = session.messages
     assert_valid_history(messages)
-    assert messages[0]["content"].startswith(mod.SUMMARY_PREFIX)
-    assert "twelve questions" in messages[0]["content"]
-    assert messages[1]["role"] == "assistant"
-    assert messages[1:] == before[-(len(messages) - 1):]  # the recent part is kept verbatim
+    opening = messages[0]["content"]
+    assert opening[0]["text"].startswith(mod.SUMMARY_PREFIX)
+    assert "twelve questions" in opening[0]["text"]
+    kept = before[-len(messages):]  # the recent part is kept verbatim, its first turn after the summary
+    assert opening[1:] == mod.as_blocks(kept[0]["content"]) and messages[1:] == kept[1:]
     assert len(messages) < len(before)
     summary_request = fake_api.requests[-1]
     assert "question 0" in summary_request["messages"][0]["content"]
-    restarted = mod.SessionStore(mod.SESSIONS_DIR).open(session.id)
+    restarted = main_store(mod).open(session.id)
     assert restarted.messages == messages
     records = [json.loads(line) for line in store.path(session.id).read_text().splitlines()]
     assert records[-1]["type"] == "snapshot" and records[-1]["reason"] == "compaction"
@@ -208,7 +270,7 @@ def test_compaction_keeps_tool_pairs_together_and_survives_restart(path, load, f
 
 def test_threshold_compacts_before_the_turn(path, load, fake_api, monkeypatch, capsys):
     mod = load(path, CONTEXT_WINDOW="20000", COMPACT_THRESHOLD="0.5")
-    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    session = main_store(mod).create()
     big_history(mod, session)
     fake_api.script(reply("Summary: twelve questions."), reply("Fresh answer."))
     assert mod.agent_turn(mod.make_client(), session, "one more") == "Fresh answer."
@@ -216,12 +278,13 @@ def test_threshold_compacts_before_the_turn(path, load, fake_api, monkeypatch, c
     assert "[context] compacting" in out
     sent = fake_api.requests[-1]["messages"]
     assert_valid_history(sent)
-    assert sent[0]["content"].startswith(mod.SUMMARY_PREFIX) and sent[-1]["content"] == "one more"
+    assert sent[0]["content"][0]["text"].startswith(mod.SUMMARY_PREFIX)
+    assert sent[-1]["content"] == "one more"
 
 
 def test_overflow_error_compacts_and_retries_once(path, load, fake_api, capsys):
     mod = load(path)
-    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
     fake_api.script(error(400, "invalid_request_error", "prompt is too long: 1000512 tokens > 1000000 maximum"),
                     reply("Summary of three questions."),
@@ -230,16 +293,17 @@ def test_overflow_error_compacts_and_retries_once(path, load, fake_api, capsys):
     assert "context window overflowed" in capsys.readouterr().out
     retried = fake_api.requests[-1]["messages"]
     assert_valid_history(retried)
-    assert retried[0]["content"].startswith(mod.SUMMARY_PREFIX)
+    assert retried[0]["content"][0]["text"].startswith(mod.SUMMARY_PREFIX)
     assert retried[-1] == {"role": "user", "content": "next question"}
-    assert mod.SessionStore(mod.SESSIONS_DIR).open(session.id).messages == session.messages
+    assert main_store(mod).open(session.id).messages == session.messages
 
 
 def test_overflow_stop_reason_compacts_and_retries(path, load, fake_api, capsys):
     mod = load(path)
-    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
-    fake_api.script(reply("Partial", stop_reason="model_context_window_exceeded"), reply("Summary."),
+    fake_api.script(reply("Partial", stop_reason="model_context_window_exceeded"),
+                    reply("Summary."),
                     reply("Complete answer."))
     assert mod.agent_turn(mod.make_client(), session, "go on") == "Complete answer."
     assert_valid_history(session.messages)
@@ -248,7 +312,7 @@ def test_overflow_stop_reason_compacts_and_retries(path, load, fake_api, capsys)
 
 def test_overflow_twice_says_so_and_the_session_stays_usable(path, load, fake_api, capsys):
     mod = load(path)
-    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
     too_long = error(400, "invalid_request_error", "prompt is too long: 2000000 tokens > 1000000 maximum")
     fake_api.script(too_long, reply("Summary."), too_long, reply("Back to normal."))
@@ -260,7 +324,7 @@ def test_overflow_twice_says_so_and_the_session_stays_usable(path, load, fake_ap
 
 def test_rate_limit_is_not_mistaken_for_an_overflow(path, load, fake_api, capsys):
     mod = load(path)
-    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
     # Even with those words in its message, a 429 is a rate limit: no compaction, no retry.
     fake_api.script(error(429, "rate_limit_error", "prompt is too long for your rate limit"))
@@ -277,7 +341,48 @@ def test_rate_limit_is_not_mistaken_for_an_overflow(path, load, fake_api, capsys
 
 def test_compact_command_on_an_empty_session_says_so(path, load, fake_api, monkeypatch, capsys):
     code, out = drive_repl(load(path), ["/compact"], monkeypatch, capsys)
-    assert "nothing to compact yet" in out and fake_api.requests == []
+    assert "nothing to compact yet (it keeps your last 4 messages)" in out
+    assert fake_api.requests == []
+
+
+def test_compact_on_request_keeps_the_last_four_exchanges_whatever_the_window(path, load,
+                                                                             fake_api, monkeypatch,
+                                                                             capsys):
+    """The default window is 1,000,000 tokens: a share of it would keep everything."""
+    mod = load(path)
+    inputs = [f"message {n}" for n in range(6)] + ["/compact", "/compact"]
+    fake_api.script(*[reply(f"answer {n}") for n in range(6)], reply("Six short exchanges."),
+                    reply("Still the same."))
+    code, out = drive_repl(mod, inputs, monkeypatch, capsys)
+    assert "summarizing 4 older messages" in out and "compacted: 12 messages -> 8" in out
+    sent = fake_api.requests[6]["messages"][0]["content"]
+    assert "message 0" in sent and "message 1" in sent and "message 2" not in sent
+    assert "summarizing" in out.split("/compact")[2]  # asked again, it summarizes again
+    session = main_store(mod).resume()
+    assert_valid_history(session.messages)
+    assert session.messages[0]["content"][1] == {"type": "text", "text": "message 2"}
+
+
+def test_a_hand_broken_index_and_session_file_are_repaired_with_a_line(path, load, capsys,
+                                                                       workspace):
+    mod = load(path)
+    store = main_store(mod)
+    session = store.create()
+    with open(store.path(session.id), "a") as f:
+        for message in [{"role": "user", "content": "go"},
+                        {"role": "assistant", "content": [{"type": "tool_use", "name": "bash",
+                                                           "input": {}}]},  # no id
+                        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, 7]}]:
+            f.write(json.dumps({"type": "message", "message": message}) + "\n")
+    index = json.loads((sessions_dir(workspace) / "sessions.json").read_text())
+    index["current"] = ["not", "an", "id"]
+    (sessions_dir(workspace) / "sessions.json").write_text(json.dumps(index))
+    reopened = main_store(mod)
+    assert "is not valid ('current' must be a session id or null)" in capsys.readouterr().out
+    messages = reopened.open(session.id).messages
+    assert_valid_history(messages)
+    assert messages == [{"role": "user", "content": "go"},
+                        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
 
 
 def test_end_to_end_restart_remembers(path, fake_api, subprocess_env, workspace):
@@ -296,7 +401,7 @@ def test_end_to_end_restart_remembers(path, fake_api, subprocess_env, workspace)
 
 def test_ctrl_c_during_compaction_leaves_the_session_as_it_was(path, load, fake_api, monkeypatch, capsys):
     mod = load(path)
-    session = mod.SessionStore(mod.SESSIONS_DIR).create()
+    session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
     before = list(session.messages)
     guard = mod.ContextGuard(mod.make_client())
@@ -308,12 +413,12 @@ def test_ctrl_c_during_compaction_leaves_the_session_as_it_was(path, load, fake_
     assert guard.compact(session, "test") is False
     assert session.messages == before
     assert "compaction interrupted" in capsys.readouterr().out
-    assert mod.SessionStore(mod.SESSIONS_DIR).open(session.id).messages == before
+    assert main_store(mod).open(session.id).messages == before
 
 
 def test_two_sessions_started_in_one_second_with_the_same_suffix_get_two_files(path, load, monkeypatch):
     mod = load(path)
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     draws = iter([b"\x7f\x3a", b"\x7f\x3a", b"\x00\x01"])
     monkeypatch.setattr(mod.time, "strftime", lambda fmt, *a: "20261121-093000" if "%H" in fmt else fmt)
     monkeypatch.setattr(mod.os, "urandom", lambda n: next(draws))

@@ -6,10 +6,19 @@ stream the model's reply to the terminal, then look at `stop_reason` to decide
 what the reply means. If the call fails, the turn is taken back out so the
 list stays one the API accepts.
 
+New here:
+  [s01] Configuration — dim, make_client
+  [s01] Errors, by type — describe_api_error
+  [s01] The agent loop — stream_reply, print_usage, agent_turn
+  [s01] The REPL: one table of commands — Repl, show_help, run_command, main
+
 Run:  python sessions/en/s01_agent_loop.py
 """
+from __future__ import annotations
+
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
@@ -20,9 +29,11 @@ try:
 except ImportError:
     pass
 
-# --- Configuration ---------------------------------------------------------
+
+# --- [s01] Configuration ------------------------------------------------------
 # .env sits at the repository root; variables already set in the environment win.
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
 SECTION = "s01 Agent loop"
@@ -51,7 +62,7 @@ def make_client() -> anthropic.Anthropic:
                                max_retries=SDK_MAX_RETRIES)
 
 
-# --- Errors, by type -------------------------------------------------------
+# --- [s01] Errors, by type ----------------------------------------------------
 def describe_api_error(exc: anthropic.APIError) -> str:
     """One readable line for a failed call, chosen by exception class and
     `error.type`, never by searching the message text."""
@@ -63,7 +74,8 @@ def describe_api_error(exc: anthropic.APIError) -> str:
         return f"API error: {exc}"
     kind = exc.type or ""  # `error.type` from the body; also set for errors sent mid-stream
     if isinstance(exc, anthropic.AuthenticationError) or kind == "authentication_error":
-        return "The API rejected the key (401). Check ANTHROPIC_API_KEY in .env."
+        where = "your shell's environment (it wins over .env)" if KEY_FROM_SHELL else ".env"
+        return f"The API rejected the key (401). Check ANTHROPIC_API_KEY in {where}."
     if isinstance(exc, anthropic.PermissionDeniedError) or kind == "permission_error":
         return "This key may not use that model or feature (403)."
     if isinstance(exc, anthropic.NotFoundError) or kind == "not_found_error":
@@ -76,7 +88,7 @@ def describe_api_error(exc: anthropic.APIError) -> str:
     return f"API error ({label}): {exc.api_message or exc.message}"
 
 
-# --- The agent loop --------------------------------------------------------
+# --- [s01] The agent loop -----------------------------------------------------
 def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
     """Send the conversation; print text as it arrives; return the whole message."""
     with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS,
@@ -129,18 +141,44 @@ def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> s
     return None
 
 
-# --- The REPL --------------------------------------------------------------
-HELP = """Commands:
-  /help         show this list
-  quit, exit    leave (Ctrl-D and Ctrl-C work too)
-Anything else is sent to the model."""
+# --- [s01] The REPL: one table of commands ------------------------------------
+@dataclass
+class Repl:
+    """What the REPL's commands work on."""
+    client: anthropic.Anthropic
+    messages: list
+
+
+def show_help(repl: Repl, arg: str) -> None:
+    print("Commands:")
+    for name, (_, args, text) in COMMANDS.items():
+        print(f"  {f'{name} {args}'.strip():<14} {text}")
+    print("  quit, exit     leave (Ctrl-D and Ctrl-C work too)")
+    print("Anything else is sent to the model.")
+
+
+# The dispatch-table idea of s02, applied to the REPL: /name -> (handler, arguments, help).
+COMMANDS = {
+    "/help": (show_help, "", "show this list"),
+}
+
+
+def run_command(repl: Repl, line: str) -> None:
+    name, _, arg = line.partition(" ")
+    if name not in COMMANDS:
+        print(f"Unknown command {name}; /help lists the commands.")
+        return
+    handler = COMMANDS[name][0]
+    handler(repl, arg.strip())
 
 
 def main() -> int:
     client = make_client()
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # a non-UTF-8 byte becomes U+FFFD, not a crash
     print(f"{SECTION} · model {MODEL_ID} · base URL {BASE_URL or 'https://api.anthropic.com'}")
     print("Type a message, /help for commands, quit to leave.")
-    messages: list = []
+    repl = Repl(client, [])
     while True:
         try:
             user_text = input("You > ").strip()
@@ -151,13 +189,10 @@ def main() -> int:
             continue
         if user_text.lower() in ("quit", "exit"):
             break
-        if user_text == "/help":
-            print(HELP)
-            continue
         if user_text.startswith("/"):
-            print(f"Unknown command {user_text.split()[0]}; /help lists the commands.")
+            run_command(repl, user_text)
             continue
-        agent_turn(client, messages, user_text)
+        agent_turn(client, repl.messages, user_text)
     print("Bye.")
     return 0
 

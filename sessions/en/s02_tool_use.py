@@ -1,29 +1,45 @@
 #!/usr/bin/env python3
 """s02 Tool use: a schema list + a dispatch table.
 
-One list of messages, one loop. Each turn: append what the person typed,
-stream the model's reply to the terminal, then look at `stop_reason` to decide
-what the reply means. If the call fails, the turn is taken back out so the
-list stays one the API accepts.
+When a reply stops with `stop_reason` "tool_use", the loop runs each tool the
+model asked for, sends the results back as `tool_result` blocks, and asks
+again, until the model stops asking. A tool is a JSON schema the model reads
+(TOOLS) and a Python function the loop calls (TOOL_HANDLERS). File tools stay
+inside the workspace; shell commands that could change something wait for
+the person's approval; the gateway's own state lives in a folder no tool sees.
 
-New here: when `stop_reason` is "tool_use", run each requested tool, send the
-results back as `tool_result` blocks, and ask again, until the model stops
-asking. Tools are a list of JSON schemas the model reads (TOOLS) and a dict
-from name to Python function (TOOL_HANDLERS). Every path stays inside the
-workspace, and shell commands that could change something wait for approval.
+New here:
+  [s01] The agent loop — assistant_content, as_blocks, add_user_text, finish_turn
+  [s02] Tools: where they may reach — ToolError, safe_path, prepare_folders, move_old_state,
+      truncate, write_atomic, read_text
+  [s02] Tools: the handlers — read_file, write_file, edit_file, list_dir
+  [s02] Exec approvals — dangerous_reason, is_read_only, load_approvals, is_always_approved,
+      remember_always, ask_person, check_command, approve_at_terminal, child_environment, bash
+  [s02] Tools: what the model sees, and the dispatch table — check_arguments, run_tool, preview,
+      run_tool_calls
+Changed here:
+  stream_reply — sends the tool schemas with every call
+  agent_turn — the inner loop: call, run the tools, call again
+  main — prepares the two folders and names them in the banner
+Carried from earlier:
+  [s01] Configuration · [s01] Errors, by type · [s01] The agent loop
+  [s01] The REPL: one table of commands
 
 Run:  python sessions/en/s02_tool_use.py
 """
-import fnmatch
+from __future__ import annotations
+
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
@@ -34,9 +50,11 @@ try:
 except ImportError:
     pass
 
-# --- Configuration ---------------------------------------------------------
+
+# --- [s01] Configuration ------------------------------------------------------
 # .env sits at the repository root; variables already set in the environment win.
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
 SECTION = "s02 Tool use"
@@ -46,14 +64,18 @@ BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
 MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
 SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
 WORKSPACE_DIR = Path(os.getenv("WORKSPACE_DIR") or REPO_ROOT / "workspace").resolve()
-STATE_DIR = WORKSPACE_DIR / ".state"
+# The gateway's own files (approvals, sessions, tokens...): never inside the workspace.
+STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
 BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
 MAX_TOOL_OUTPUT = 20_000    # characters of one tool result; the middle of longer output is cut
 SYSTEM_PROMPT = ("You are a helpful assistant talking to one person in a terminal. Be concise. "
-                 f"You have tools to read and change files in your workspace ({WORKSPACE_DIR}) "
-                 "and to run shell commands there; paths are relative to it.")
+                 "You have tools to read and change files in your workspace (a folder on this "
+                 "machine) and to run shell commands there; paths are relative to it.")
+
+# Where older versions kept state inside the workspace: moved to STATE_DIR at start-up.
+OLD_STATE_PLACES = [(WORKSPACE_DIR / ".state", STATE_DIR)]
 
 USE_COLOR = sys.stdout.isatty() and not os.getenv("NO_COLOR")
 
@@ -73,7 +95,7 @@ def make_client() -> anthropic.Anthropic:
                                max_retries=SDK_MAX_RETRIES)
 
 
-# --- Errors, by type -------------------------------------------------------
+# --- [s01] Errors, by type ----------------------------------------------------
 def describe_api_error(exc: anthropic.APIError) -> str:
     """One readable line for a failed call, chosen by exception class and
     `error.type`, never by searching the message text."""
@@ -85,7 +107,8 @@ def describe_api_error(exc: anthropic.APIError) -> str:
         return f"API error: {exc}"
     kind = exc.type or ""  # `error.type` from the body; also set for errors sent mid-stream
     if isinstance(exc, anthropic.AuthenticationError) or kind == "authentication_error":
-        return "The API rejected the key (401). Check ANTHROPIC_API_KEY in .env."
+        where = "your shell's environment (it wins over .env)" if KEY_FROM_SHELL else ".env"
+        return f"The API rejected the key (401). Check ANTHROPIC_API_KEY in {where}."
     if isinstance(exc, anthropic.PermissionDeniedError) or kind == "permission_error":
         return "This key may not use that model or feature (403)."
     if isinstance(exc, anthropic.NotFoundError) or kind == "not_found_error":
@@ -98,7 +121,107 @@ def describe_api_error(exc: anthropic.APIError) -> str:
     return f"API error ({label}): {exc.api_message or exc.message}"
 
 
-# --- Tools: where they may reach ---------------------------------------------
+# --- [s01] The agent loop -----------------------------------------------------
+def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
+    """Send the conversation; print text as it arrives; return the whole message."""
+    with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
+                                tools=TOOLS, messages=messages) as stream:
+        for text in stream.text_stream:
+            print(text, end="", flush=True)
+        return stream.get_final_message()
+
+
+def print_usage(message: anthropic.types.Message) -> None:
+    u = message.usage
+    cached = u.cache_read_input_tokens or 0
+    print(dim(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
+              f" · stop {message.stop_reason}]"))
+
+
+def assistant_content(message: anthropic.types.Message) -> list:
+    """The reply as history blocks: text and tool_use, never an empty text block."""
+    blocks = []
+    for block in message.content:
+        if block.type == "text" and block.text:
+            blocks.append({"type": "text", "text": block.text})
+        elif block.type == "tool_use":
+            blocks.append({"type": "tool_use", "id": block.id, "name": block.name,
+                           "input": block.input})
+    return blocks
+
+
+def as_blocks(content) -> list:
+    """Message content as a list of blocks (the API also accepts a plain string)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def add_user_text(messages: list, user_text: str) -> None:
+    """Append the person's words. After an interrupted tool exchange the history
+    already ends with a user message (the tool results): join it, so roles alternate."""
+    if messages and messages[-1]["role"] == "user":
+        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
+        messages[-1] = {"role": "user", "content": joined}
+    else:
+        messages.append({"role": "user", "content": user_text})
+
+
+def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> str | None:
+    """One turn: as many model calls as the tools need. Returns the reply text, or
+    None when the turn ended early (rolled back to the last consistent point)."""
+    consistent = list(messages)  # the last point at which the history is whole
+    add_user_text(messages, user_text)
+    for _ in range(MAX_TOOL_ROUNDS):
+        try:
+            message = stream_reply(client, messages)
+        except anthropic.APIError as exc:
+            messages[:] = consistent  # roll back to the last consistent point
+            print(f"\n{describe_api_error(exc)}")
+            return None
+        except KeyboardInterrupt:
+            messages[:] = consistent
+            print("\n(interrupted; that turn was dropped)")
+            return None
+        text = "".join(block.text for block in message.content if block.type == "text")
+        if text:
+            print()  # end the streamed line
+        print_usage(message)
+        reason = message.stop_reason
+        if reason == "tool_use":
+            results, interrupted = run_tool_calls(message.content)
+            # The call and its results join the history together: it is whole again.
+            messages.append({"role": "assistant", "content": assistant_content(message)})
+            messages.append({"role": "user", "content": results})
+            consistent = list(messages)
+            if interrupted:
+                print("(interrupted; what the tools did so far is kept in the history)")
+                return None
+            continue
+        return finish_turn(messages, consistent, message, text)
+    print(f"(stopped after {MAX_TOOL_ROUNDS} model calls in one turn; "
+          "send a message to let it go on)")
+    return None
+
+
+def finish_turn(messages: list, consistent: list, message: anthropic.types.Message,
+                text: str) -> str | None:
+    """Keep a final reply that has text and ended normally or was cut off; drop anything else."""
+    reason = message.stop_reason
+    if reason == "refusal":
+        print("(the model declined to answer; that turn was dropped)")
+    elif not text:
+        print(f"(empty reply, stop reason {reason}; that turn was dropped)")
+    else:
+        if reason == "max_tokens":
+            print(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
+        elif reason != "end_turn":
+            print(f"(stopped: {reason})")
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        return text
+    messages[:] = consistent  # an unusable reply: back to the last consistent point
+    return None
+
+
+# --- [s02] Tools: where they may reach ----------------------------------------
 class ToolError(Exception):
     """A failure the model should read and act on; sent back with is_error: true."""
 
@@ -117,9 +240,51 @@ def safe_path(raw: str) -> Path:
         raise ToolError(f"bad path {raw!r}: {exc}")
     if not path.is_relative_to(WORKSPACE_DIR):
         raise ToolError(f"{raw!r} is outside the workspace; use a path inside {WORKSPACE_DIR}")
-    if path.is_relative_to(STATE_DIR) or path.name == ".env":
-        raise ToolError(f"{raw!r} is private to the gateway (.state/ and .env are off limits)")
+    if path.name == ".env":
+        raise ToolError(f"{raw!r} is private: .env files hold secrets and are off limits")
     return path
+
+
+def prepare_folders() -> str | None:
+    """Create the workspace and the owner-only state folder, and move state an older run
+    left inside the workspace. Returns a sentence saying what to fix when they cannot be used."""
+    if STATE_DIR.is_relative_to(WORKSPACE_DIR) or WORKSPACE_DIR.is_relative_to(STATE_DIR):
+        return (f"STATE_DIR ({STATE_DIR}) and WORKSPACE_DIR ({WORKSPACE_DIR}) overlap, so the "
+                "tools could reach the gateway's state: set them to two separate folders.")
+    try:
+        WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        os.chmod(STATE_DIR, 0o700)
+        probe = STATE_DIR / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return (f"cannot use STATE_DIR {STATE_DIR} ({exc.strerror}): make it writable, "
+                "or set STATE_DIR to another folder.")
+    for old, new in OLD_STATE_PLACES:
+        move_old_state(old, new)
+    return None
+
+
+def move_old_state(old: Path, new: Path) -> None:
+    """State that an earlier version kept in the workspace moves out, once, with a line.
+    What already exists in the new place wins; the old copy is then left where it is."""
+    if not old.exists():
+        return
+    entries = list(old.iterdir()) if old.is_dir() else [old]
+    moved, kept = 0, 0
+    for entry in entries:
+        target = new / entry.name if old.is_dir() else new
+        if target.exists():
+            kept += 1
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(entry), str(target))
+        moved += 1
+    if old.is_dir() and not kept:
+        old.rmdir()
+    print(dim(f"[state] moved {moved} item(s) from {old} to {new}"
+              + (f"; {kept} left there because {new} already has them" if kept else "")))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -158,7 +323,7 @@ def read_text(path: Path, raw: str) -> str:
         raise ToolError(f"{raw} is not a UTF-8 text file")
 
 
-# --- Tools: the handlers -------------------------------------------------------
+# --- [s02] Tools: the handlers ------------------------------------------------
 def read_file(path: str) -> str:
     return truncate(read_text(safe_path(path), path))
 
@@ -178,7 +343,8 @@ def edit_file(path: str, old_text: str, new_text: str) -> str:
     if count == 0:
         raise ToolError(f"old_text not found in {path}; read the file and quote it exactly")
     if count > 1:
-        raise ToolError(f"old_text occurs {count} times in {path}; include more context so it is unique")
+        raise ToolError(f"old_text occurs {count} times in {path}; "
+                        "include more context so it is unique")
     write_atomic(target, text.replace(old_text, new_text, 1))
     return f"edited {path}: replaced 1 occurrence"
 
@@ -189,8 +355,8 @@ def list_dir(path: str = ".") -> str:
         raise ToolError(f"not a directory: {path}")
     lines = []
     for entry in sorted(target.iterdir()):
-        if entry.name in (".state", ".env"):
-            continue  # private to the gateway; not even their names are shown
+        if entry.name == ".env":
+            continue  # secrets: not even the name is shown
         if entry.is_dir():
             lines.append(f"{entry.name}/")
         else:
@@ -198,7 +364,7 @@ def list_dir(path: str = ".") -> str:
     return "\n".join(lines) or "(empty)"
 
 
-# --- Exec approvals ------------------------------------------------------------
+# --- [s02] Exec approvals -----------------------------------------------------
 APPROVALS_FILE = STATE_DIR / "exec-approvals.json"
 APPROVAL_PROMPT = "  Allow? [o]nce / [a]lways / [d]eny > "
 # Commands that only read. They run without asking, but only in their plain
@@ -256,13 +422,13 @@ def is_read_only(command: str) -> bool:
     return True
 
 
-def load_approvals() -> list[str]:
-    """The stored "always" patterns. A file that cannot be read is moved aside, not lost."""
+def load_approvals() -> list[dict]:
+    """The stored "always" answers. A file that cannot be read is moved aside, not lost."""
     if not APPROVALS_FILE.exists():
         return []
     try:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
-        return [str(p) for p in data["always"]]
+        return [{"command": str(a["command"]), "scope": str(a["scope"])} for a in data["always"]]
     except (ValueError, KeyError, TypeError) as exc:
         aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{int(time.time())}.json")
         APPROVALS_FILE.replace(aside)
@@ -270,49 +436,50 @@ def load_approvals() -> list[str]:
         return []
 
 
-def save_approval(pattern: str) -> None:
-    patterns = load_approvals()
-    if pattern not in patterns:
-        patterns.append(pattern)
-    write_atomic(APPROVALS_FILE, json.dumps({"version": 1, "always": patterns}, indent=2) + "\n")
+def is_always_approved(command: str, scope: str) -> bool:
+    return {"command": command, "scope": scope} in load_approvals()
 
 
-def approval_pattern(command: str) -> str:
-    """The glob stored for "always": the program and its first argument, then *.
-    "git status -s" -> "git status*"; "mkdir -p out" -> "mkdir -p*"."""
-    return " ".join(command.split()[:2]) + "*"
+def remember_always(command: str, scope: str) -> None:
+    entries = load_approvals()
+    if {"command": command, "scope": scope} not in entries:
+        entries.append({"command": command, "scope": scope})
+    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries}, indent=2) + "\n")
 
 
 def ask_person(command: str) -> str:
-    """Ask at the terminal. Anything but o or a (including Ctrl-D) is a deny."""
+    """Ask at the terminal: "once", "always" or "deny" (Ctrl-D is a deny)."""
     print(f"  The model wants to run: {command}")
-    print(f"  (always would allow every command matching {approval_pattern(command)!r})")
     try:
         answer = input(APPROVAL_PROMPT).strip().lower()
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         print()
         return "deny"
     return {"o": "once", "once": "once", "a": "always", "always": "always"}.get(answer, "deny")
 
 
-def check_command(command: str) -> None:
-    """Raise ToolError unless this command may run now."""
+def check_command(command: str, approve) -> None:
+    """Raise ToolError unless this command may run now. `approve(command)` decides
+    what is neither refused nor read-only: it returns, or raises ToolError."""
     reason = dangerous_reason(command)
     if reason:
         raise ToolError(f"refused: this command {reason}. It is never run, even with approval.")
     if is_read_only(command):
         return
-    # A stored pattern never covers shell operators: "git status*" must not let
-    # "git status; rm -r notes" through.
-    if not SHELL_OPERATORS.search(command) and any(fnmatch.fnmatchcase(command, p) for p in load_approvals()):
+    approve(command)
+
+
+def approve_at_terminal(command: str) -> None:
+    """The person at the terminal decides: a stored "always", or the prompt."""
+    if is_always_approved(command, "terminal"):
         return
     answer = ask_person(command)
     if answer == "always":
-        pattern = approval_pattern(command)
-        save_approval(pattern)
-        print(dim(f"  (stored {pattern!r} in {APPROVALS_FILE.name})"))
+        remember_always(command, "terminal")
+        print(dim(f"  (stored in {APPROVALS_FILE.name}: this exact command runs without asking)"))
     elif answer == "deny":
-        raise ToolError("the person denied this command. Do not retry it; ask them what they want instead.")
+        raise ToolError("the person denied this command. Do not retry it; "
+                        "ask them what they want instead.")
 
 
 def child_environment() -> dict:
@@ -322,7 +489,7 @@ def child_environment() -> dict:
 
 
 def bash(command: str, timeout: float | None = None) -> str:
-    check_command(command)
+    """Run a command that check_command has let through (run_tool makes sure of that)."""
     limit = min(float(timeout or BASH_TIMEOUT), BASH_MAX_TIMEOUT)
     # A new session makes the command the leader of its own process group, so
     # on timeout one killpg() stops it and every child it started.
@@ -348,14 +515,14 @@ def bash(command: str, timeout: float | None = None) -> str:
     return truncate(f"{status}\n{text}" if text else status)
 
 
-# --- Tools: what the model sees, and the dispatch table ------------------------
+# --- [s02] Tools: what the model sees, and the dispatch table -----------------
 TOOLS = [
-    {"name": "bash", "description": "Run a shell command in the workspace and return its exit code and output. "
-     "Commands that change things wait for the person's approval.",
+    {"name": "bash", "description": "Run a shell command in the workspace and return its exit "
+     "code and output. Commands that change things wait for the person's approval.",
      "input_schema": {"type": "object", "properties": {
          "command": {"type": "string", "description": "The command line, run with bash -c."},
-         "timeout": {"type": "number", "description": f"Seconds before it is killed (default {BASH_TIMEOUT:g}, "
-                     f"at most {BASH_MAX_TIMEOUT})."}},
+         "timeout": {"type": "number", "description": "Seconds before it is killed (default "
+                     f"{BASH_TIMEOUT:g}, at most {BASH_MAX_TIMEOUT})."}},
          "required": ["command"]}},
     {"name": "read_file", "description": "Read a UTF-8 text file in the workspace.",
      "input_schema": {"type": "object", "properties": {
@@ -369,17 +536,20 @@ TOOLS = [
     {"name": "edit_file", "description": "Replace one exact, unique piece of text in a file.",
      "input_schema": {"type": "object", "properties": {
          "path": {"type": "string", "description": "Path relative to the workspace."},
-         "old_text": {"type": "string", "description": "Text that occurs exactly once in the file."},
+         "old_text": {"type": "string",
+                      "description": "Text that occurs exactly once in the file."},
          "new_text": {"type": "string", "description": "What replaces it."}},
          "required": ["path", "old_text", "new_text"]}},
     {"name": "list_dir", "description": "List a folder of the workspace.",
      "input_schema": {"type": "object", "properties": {
-         "path": {"type": "string", "description": "Folder relative to the workspace (default: the root)."}},
+         "path": {"type": "string",
+                  "description": "Folder relative to the workspace (default: the root)."}},
          "required": []}},
 ]
-TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file, "edit_file": edit_file,
-                 "list_dir": list_dir}
-JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "object": dict}
+TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file,
+                 "edit_file": edit_file, "list_dir": list_dir}
+JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool,
+              "object": dict}
 
 
 def check_arguments(name: str, tool_input: dict) -> None:
@@ -394,16 +564,20 @@ def check_arguments(name: str, tool_input: dict) -> None:
                         f"it takes {list(schema['properties'])}")
     for key, value in tool_input.items():
         expected = schema["properties"][key]["type"]
-        if not isinstance(value, JSON_TYPES[expected]) or (expected == "number" and isinstance(value, bool)):
+        is_bool = isinstance(value, bool) and expected != "boolean"  # True is an int to Python
+        if not isinstance(value, JSON_TYPES[expected]) or is_bool:
             raise ToolError(f"{name}: {key} must be a {expected}")
 
 
-def run_tool(name: str, tool_input: dict) -> tuple[str, bool]:
-    """Run one tool call. Returns (content, is_error); never raises for a tool's failure."""
+def run_tool(name: str, tool_input: dict, approve=approve_at_terminal) -> tuple[str, bool]:
+    """Run one tool call. Returns (content, is_error); never raises for a tool's failure.
+    A shell command passes the approval gate first; `approve` is who decides."""
     if name not in TOOL_HANDLERS:
         return f"unknown tool {name!r}; the tools are {', '.join(TOOL_HANDLERS)}", True
     try:
         check_arguments(name, tool_input)
+        if name == "bash":
+            check_command(tool_input["command"], approve)
         return TOOL_HANDLERS[name](**tool_input), False
     except ToolError as exc:
         return str(exc), True
@@ -419,7 +593,7 @@ def preview(text: str) -> str:
     return first + (f"  (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
 
 
-def run_tool_calls(content: list) -> tuple[list, bool]:
+def run_tool_calls(content: list, approve=approve_at_terminal) -> tuple[list, bool]:
     """Answer every tool_use block with a tool_result, in order.
 
     Ctrl-C stops the tool that is running and skips the rest, but each call
@@ -436,126 +610,58 @@ def run_tool_calls(content: list) -> tuple[list, bool]:
             args = json.dumps(block.input, ensure_ascii=False)
             print(dim(f"  → {block.name} {args if len(args) <= 100 else args[:97] + '...'}"))
             try:
-                text, is_error = run_tool(block.name, block.input)
+                text, is_error = run_tool(block.name, block.input, approve)
             except KeyboardInterrupt:
                 text, is_error, interrupted = "interrupted by the person", True, True
             print(dim(f"  {'✗' if is_error else '←'} {preview(text)}"))
-        results.append({"type": "tool_result", "tool_use_id": block.id, "content": text or "(no output)",
-                        "is_error": is_error})
+        results.append({"type": "tool_result", "tool_use_id": block.id,
+                        "content": text or "(no output)", "is_error": is_error})
     return results, interrupted
 
 
-# --- The agent loop --------------------------------------------------------
-def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
-    """Send the conversation; print text as it arrives; return the whole message."""
-    with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
-                                tools=TOOLS, messages=messages) as stream:
-        for text in stream.text_stream:
-            print(text, end="", flush=True)
-        return stream.get_final_message()
+# --- [s01] The REPL: one table of commands ------------------------------------
+@dataclass
+class Repl:
+    """What the REPL's commands work on."""
+    client: anthropic.Anthropic
+    messages: list
 
 
-def print_usage(message: anthropic.types.Message) -> None:
-    u = message.usage
-    cached = u.cache_read_input_tokens or 0
-    print(dim(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
-              f" · stop {message.stop_reason}]"))
+def show_help(repl: Repl, arg: str) -> None:
+    print("Commands:")
+    for name, (_, args, text) in COMMANDS.items():
+        print(f"  {f'{name} {args}'.strip():<14} {text}")
+    print("  quit, exit     leave (Ctrl-D and Ctrl-C work too)")
+    print("Anything else is sent to the model.")
 
 
-def assistant_content(message: anthropic.types.Message) -> list:
-    """The reply as history blocks: text and tool_use, never an empty text block."""
-    blocks = []
-    for block in message.content:
-        if block.type == "text" and block.text:
-            blocks.append({"type": "text", "text": block.text})
-        elif block.type == "tool_use":
-            blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
-    return blocks
+# The dispatch-table idea of s02, applied to the REPL: /name -> (handler, arguments, help).
+COMMANDS = {
+    "/help": (show_help, "", "show this list"),
+}
 
 
-def as_blocks(content) -> list:
-    """Message content as a list of blocks (the API also accepts a plain string)."""
-    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-
-
-def add_user_text(messages: list, user_text: str) -> None:
-    """Append the person's words. After an interrupted tool exchange the history
-    already ends with a user message (the tool results): join it, so roles alternate."""
-    if messages and messages[-1]["role"] == "user":
-        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
-        messages[-1] = {"role": "user", "content": joined}
-    else:
-        messages.append({"role": "user", "content": user_text})
-
-
-def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> str | None:
-    """One turn: as many model calls as the tools need. Returns the reply text, or
-    None when the turn ended early (rolled back to the last consistent point)."""
-    consistent = list(messages)  # the last point at which the history is whole
-    add_user_text(messages, user_text)
-    for _ in range(MAX_TOOL_ROUNDS):
-        try:
-            message = stream_reply(client, messages)
-        except anthropic.APIError as exc:
-            messages[:] = consistent  # roll back to the last consistent point
-            print(f"\n{describe_api_error(exc)}")
-            return None
-        except KeyboardInterrupt:
-            messages[:] = consistent
-            print("\n(interrupted; that turn was dropped)")
-            return None
-        text = "".join(block.text for block in message.content if block.type == "text")
-        if text:
-            print()  # end the streamed line
-        print_usage(message)
-        reason = message.stop_reason
-        if reason == "tool_use":
-            results, interrupted = run_tool_calls(message.content)
-            # The call and its results join the history together: it is whole again.
-            messages.append({"role": "assistant", "content": assistant_content(message)})
-            messages.append({"role": "user", "content": results})
-            consistent = list(messages)
-            if interrupted:
-                print("(interrupted; what the tools did so far is kept in the history)")
-                return None
-            continue
-        return finish_turn(messages, consistent, message, text)
-    print(f"(stopped after {MAX_TOOL_ROUNDS} model calls in one turn; send a message to let it go on)")
-    return None
-
-
-def finish_turn(messages: list, consistent: list, message: anthropic.types.Message, text: str) -> str | None:
-    """Keep a final reply that has text and ended normally or was cut off; drop anything else."""
-    reason = message.stop_reason
-    if reason == "refusal":
-        print("(the model declined to answer; that turn was dropped)")
-    elif not text:
-        print(f"(empty reply, stop reason {reason}; that turn was dropped)")
-    else:
-        if reason == "max_tokens":
-            print(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
-        elif reason != "end_turn":
-            print(f"(stopped: {reason})")
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        return text
-    messages[:] = consistent  # an unusable reply: back to the last consistent point
-    return None
-
-
-# --- The REPL --------------------------------------------------------------
-HELP = """Commands:
-  /help         show this list
-  quit, exit    leave (Ctrl-D and Ctrl-C work too)
-Anything else is sent to the model."""
+def run_command(repl: Repl, line: str) -> None:
+    name, _, arg = line.partition(" ")
+    if name not in COMMANDS:
+        print(f"Unknown command {name}; /help lists the commands.")
+        return
+    handler = COMMANDS[name][0]
+    handler(repl, arg.strip())
 
 
 def main() -> int:
     client = make_client()
-    WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
+    problem = prepare_folders()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # a non-UTF-8 byte becomes U+FFFD, not a crash
     print(f"{SECTION} · model {MODEL_ID} · base URL {BASE_URL or 'https://api.anthropic.com'}")
-    print(f"Workspace: {WORKSPACE_DIR} ({len(TOOLS)} tools)")
+    print(f"Workspace: {WORKSPACE_DIR} ({len(TOOLS)} tools) · state: {STATE_DIR}")
     print("Type a message, /help for commands, quit to leave.")
-    messages: list = []
+    repl = Repl(client, [])
     while True:
         try:
             user_text = input("You > ").strip()
@@ -566,13 +672,10 @@ def main() -> int:
             continue
         if user_text.lower() in ("quit", "exit"):
             break
-        if user_text == "/help":
-            print(HELP)
-            continue
         if user_text.startswith("/"):
-            print(f"Unknown command {user_text.split()[0]}; /help lists the commands.")
+            run_command(repl, user_text)
             continue
-        agent_turn(client, messages, user_text)
+        agent_turn(client, repl.messages, user_text)
     print("Bye.")
     return 0
 

@@ -1,35 +1,46 @@
 #!/usr/bin/env python3
 """s03 Sessions & context: JSONL append, replay, compact.
 
-One list of messages, one loop. Each turn: append what the person typed,
-stream the model's reply to the terminal, then look at `stop_reason` to decide
-what the reply means. If the call fails, the turn is taken back out so the
-list stays one the API accepts.
+Every message is appended to a JSONL file as it happens, and replayed at
+start-up, so a conversation survives a restart, a crash, and a torn last
+line. Before each turn a ContextGuard estimates the prompt from what the last
+call reported; past a share of the model's window it asks the model to
+summarize the older part, keeps the recent part, and records the result, so
+the context never overflows. /compact does the same on request.
 
-New here: when `stop_reason` is "tool_use", run each requested tool, send the
-results back as `tool_result` blocks, and ask again, until the model stops
-asking. Tools are a list of JSON schemas the model reads (TOOLS) and a dict
-from name to Python function (TOOL_HANDLERS). Every path stays inside the
-workspace, and shell commands that could change something wait for approval.
-
-New here: every message is appended to a JSONL file as it happens, and
-replayed at start-up, so a conversation survives a restart. Before each turn a
-ContextGuard counts the prompt; past a threshold of the model's window it asks
-the model to summarize the older part, keeps the recent part, and records the
-result, so the context never overflows.
+New here:
+  [s01] The agent loop — compact_and_retry
+  [s03] Sessions: append on write, replay on read — is_valid_block, clean_message, add_message,
+      tool_use_ids, repair_history, plural, Session, SessionStore, check_index, now_iso
+  [s03] Context: count, and summarize before it overflows — characters, estimate_tokens,
+      is_context_overflow, render_for_summary, turn_starts, ContextGuard
+  [s03] Commands: sessions and context — session_line, new_session, list_sessions,
+      switch_session, show_context, compact_now
+Changed here:
+  describe_api_error — names an overflow that compaction could not fix
+  agent_turn — takes a Session, saves at each consistent point, lets the guard check and compact
+  Repl, main — the REPL holds a session and the guard, resumed at start
+Carried from earlier:
+  [s01] Configuration · [s01] Errors, by type · [s01] The agent loop
+  [s02] Tools: where they may reach · [s02] Tools: the handlers · [s02] Exec approvals
+  [s02] Tools: what the model sees, and the dispatch table
+  [s01] The REPL: one table of commands
 
 Run:  python sessions/en/s03_sessions.py
 """
-import fnmatch
+from __future__ import annotations
+
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import anthropic
@@ -40,9 +51,11 @@ try:
 except ImportError:
     pass
 
-# --- Configuration ---------------------------------------------------------
+
+# --- [s01] Configuration ------------------------------------------------------
 # .env sits at the repository root; variables already set in the environment win.
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
 SECTION = "s03 Sessions"
@@ -52,18 +65,22 @@ BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
 MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
 SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
 WORKSPACE_DIR = Path(os.getenv("WORKSPACE_DIR") or REPO_ROOT / "workspace").resolve()
-STATE_DIR = WORKSPACE_DIR / ".state"
+# The gateway's own files (approvals, sessions, tokens...): never inside the workspace.
+STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
 BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
 MAX_TOOL_OUTPUT = 20_000    # characters of one tool result; the middle of longer output is cut
 AGENT_ID = "main"
-SESSIONS_DIR = STATE_DIR / "sessions" / AGENT_ID
-CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens Claude Sonnet 5.5 reads at once
-COMPACT_THRESHOLD = float(os.getenv("COMPACT_THRESHOLD") or "0.75")  # compact past this share of the window
+SESSIONS_ROOT = STATE_DIR / "sessions"  # one folder per agent: sessions/<agent id>/
+CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens the model reads at once
+COMPACT_THRESHOLD = float(os.getenv("COMPACT_THRESHOLD") or "0.75")  # compact past this share
 SYSTEM_PROMPT = ("You are a helpful assistant talking to one person in a terminal. Be concise. "
-                 f"You have tools to read and change files in your workspace ({WORKSPACE_DIR}) "
-                 "and to run shell commands there; paths are relative to it.")
+                 "You have tools to read and change files in your workspace (a folder on this "
+                 "machine) and to run shell commands there; paths are relative to it.")
+
+# Where older versions kept state inside the workspace: moved to STATE_DIR at start-up.
+OLD_STATE_PLACES = [(WORKSPACE_DIR / ".state", STATE_DIR)]
 
 USE_COLOR = sys.stdout.isatty() and not os.getenv("NO_COLOR")
 
@@ -83,7 +100,7 @@ def make_client() -> anthropic.Anthropic:
                                max_retries=SDK_MAX_RETRIES)
 
 
-# --- Errors, by type -------------------------------------------------------
+# --- [s01] Errors, by type ----------------------------------------------------
 def describe_api_error(exc: anthropic.APIError) -> str:
     """One readable line for a failed call, chosen by exception class and
     `error.type`, never by searching the message text."""
@@ -95,7 +112,8 @@ def describe_api_error(exc: anthropic.APIError) -> str:
         return f"API error: {exc}"
     kind = exc.type or ""  # `error.type` from the body; also set for errors sent mid-stream
     if isinstance(exc, anthropic.AuthenticationError) or kind == "authentication_error":
-        return "The API rejected the key (401). Check ANTHROPIC_API_KEY in .env."
+        where = "your shell's environment (it wins over .env)" if KEY_FROM_SHELL else ".env"
+        return f"The API rejected the key (401). Check ANTHROPIC_API_KEY in {where}."
     if isinstance(exc, anthropic.PermissionDeniedError) or kind == "permission_error":
         return "This key may not use that model or feature (403)."
     if isinstance(exc, anthropic.NotFoundError) or kind == "not_found_error":
@@ -105,12 +123,148 @@ def describe_api_error(exc: anthropic.APIError) -> str:
     if isinstance(exc, anthropic.OverloadedError) or kind == "overloaded_error":
         return "The API is overloaded (529): try again in a moment."
     if is_context_overflow(exc):
-        return "The conversation is too long for the model, even after compaction: /new starts a fresh one."
+        return ("The conversation is too long for the model, even after compaction: "
+                "/new starts a fresh one.")
     label = f"{exc.status_code} {kind}".strip()
     return f"API error ({label}): {exc.api_message or exc.message}"
 
 
-# --- Tools: where they may reach ---------------------------------------------
+# --- [s01] The agent loop -----------------------------------------------------
+def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
+    """Send the conversation; print text as it arrives; return the whole message."""
+    with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
+                                tools=TOOLS, messages=messages) as stream:
+        for text in stream.text_stream:
+            print(text, end="", flush=True)
+        return stream.get_final_message()
+
+
+def print_usage(message: anthropic.types.Message) -> None:
+    u = message.usage
+    cached = u.cache_read_input_tokens or 0
+    print(dim(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
+              f" · stop {message.stop_reason}]"))
+
+
+def assistant_content(message: anthropic.types.Message) -> list:
+    """The reply as history blocks: text and tool_use, never an empty text block."""
+    blocks = []
+    for block in message.content:
+        if block.type == "text" and block.text:
+            blocks.append({"type": "text", "text": block.text})
+        elif block.type == "tool_use":
+            blocks.append({"type": "tool_use", "id": block.id, "name": block.name,
+                           "input": block.input})
+    return blocks
+
+
+def as_blocks(content) -> list:
+    """Message content as a list of blocks (the API also accepts a plain string)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def add_user_text(messages: list, user_text: str) -> None:
+    """Append the person's words. After an interrupted tool exchange the history
+    already ends with a user message (the tool results): join it, so roles alternate."""
+    if messages and messages[-1]["role"] == "user":
+        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
+        messages[-1] = {"role": "user", "content": joined}
+    else:
+        messages.append({"role": "user", "content": user_text})
+
+
+def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
+               guard: ContextGuard | None = None) -> str | None:
+    """One turn: as many model calls as the tools need. Returns the reply text, or
+    None when the turn ended early (rolled back to the last consistent point).
+    The session is saved at every consistent point."""
+    guard = guard or ContextGuard(client)
+    guard.check(session, user_text)
+    messages = session.messages
+    consistent = list(messages)  # the last point at which the history is whole
+    add_user_text(messages, user_text)
+    words_pending = True  # the person's words are not part of `consistent` yet
+    compacted_once = False
+    for _ in range(MAX_TOOL_ROUNDS):
+        try:
+            message = stream_reply(client, messages)
+        except anthropic.APIError as exc:
+            messages[:] = consistent  # roll back to the last consistent point
+            if is_context_overflow(exc) and not compacted_once:
+                compacted_once = True
+                if compact_and_retry(session, guard, consistent, user_text, words_pending):
+                    continue
+            print(f"\n{describe_api_error(exc)}")
+            return None
+        except KeyboardInterrupt:
+            messages[:] = consistent
+            print("\n(interrupted; that turn was dropped)")
+            return None
+        guard.observe(session, message.usage)  # the prompt's real size, for the next check
+        text = "".join(block.text for block in message.content if block.type == "text")
+        if text:
+            print()  # end the streamed line
+        print_usage(message)
+        reason = message.stop_reason
+        if reason == "model_context_window_exceeded" and not compacted_once:
+            compacted_once = True
+            if compact_and_retry(session, guard, consistent, user_text, words_pending):
+                continue
+        if reason == "tool_use":
+            results, interrupted = run_tool_calls(message.content)
+            # The call and its results join the history together: it is whole again.
+            messages.append({"role": "assistant", "content": assistant_content(message)})
+            messages.append({"role": "user", "content": results})
+            consistent = list(messages)
+            words_pending = False
+            session.save()
+            if interrupted:
+                print("(interrupted; what the tools did so far is kept in the history)")
+                return None
+            continue
+        reply = finish_turn(messages, consistent, message, text)
+        session.save()
+        return reply
+    print(f"(stopped after {MAX_TOOL_ROUNDS} model calls in one turn; "
+          "send a message to let it go on)")
+    return None
+
+
+def compact_and_retry(session: Session, guard: ContextGuard, consistent: list, user_text: str,
+                      words_pending: bool) -> bool:
+    """The API said the prompt is too long: compact the consistent history, put
+    the person's words back if they were not in it yet, and let the turn retry once."""
+    as_it_was = list(session.messages)
+    session.messages[:] = consistent
+    if not guard.compact(session, "the model's context window overflowed"):
+        session.messages[:] = as_it_was  # no retry: the caller goes on from where it was
+        return False
+    consistent[:] = session.messages
+    if words_pending:
+        add_user_text(session.messages, user_text)
+    return True
+
+
+def finish_turn(messages: list, consistent: list, message: anthropic.types.Message,
+                text: str) -> str | None:
+    """Keep a final reply that has text and ended normally or was cut off; drop anything else."""
+    reason = message.stop_reason
+    if reason == "refusal":
+        print("(the model declined to answer; that turn was dropped)")
+    elif not text:
+        print(f"(empty reply, stop reason {reason}; that turn was dropped)")
+    else:
+        if reason == "max_tokens":
+            print(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
+        elif reason != "end_turn":
+            print(f"(stopped: {reason})")
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        return text
+    messages[:] = consistent  # an unusable reply: back to the last consistent point
+    return None
+
+
+# --- [s02] Tools: where they may reach ----------------------------------------
 class ToolError(Exception):
     """A failure the model should read and act on; sent back with is_error: true."""
 
@@ -129,9 +283,51 @@ def safe_path(raw: str) -> Path:
         raise ToolError(f"bad path {raw!r}: {exc}")
     if not path.is_relative_to(WORKSPACE_DIR):
         raise ToolError(f"{raw!r} is outside the workspace; use a path inside {WORKSPACE_DIR}")
-    if path.is_relative_to(STATE_DIR) or path.name == ".env":
-        raise ToolError(f"{raw!r} is private to the gateway (.state/ and .env are off limits)")
+    if path.name == ".env":
+        raise ToolError(f"{raw!r} is private: .env files hold secrets and are off limits")
     return path
+
+
+def prepare_folders() -> str | None:
+    """Create the workspace and the owner-only state folder, and move state an older run
+    left inside the workspace. Returns a sentence saying what to fix when they cannot be used."""
+    if STATE_DIR.is_relative_to(WORKSPACE_DIR) or WORKSPACE_DIR.is_relative_to(STATE_DIR):
+        return (f"STATE_DIR ({STATE_DIR}) and WORKSPACE_DIR ({WORKSPACE_DIR}) overlap, so the "
+                "tools could reach the gateway's state: set them to two separate folders.")
+    try:
+        WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        os.chmod(STATE_DIR, 0o700)
+        probe = STATE_DIR / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return (f"cannot use STATE_DIR {STATE_DIR} ({exc.strerror}): make it writable, "
+                "or set STATE_DIR to another folder.")
+    for old, new in OLD_STATE_PLACES:
+        move_old_state(old, new)
+    return None
+
+
+def move_old_state(old: Path, new: Path) -> None:
+    """State that an earlier version kept in the workspace moves out, once, with a line.
+    What already exists in the new place wins; the old copy is then left where it is."""
+    if not old.exists():
+        return
+    entries = list(old.iterdir()) if old.is_dir() else [old]
+    moved, kept = 0, 0
+    for entry in entries:
+        target = new / entry.name if old.is_dir() else new
+        if target.exists():
+            kept += 1
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(entry), str(target))
+        moved += 1
+    if old.is_dir() and not kept:
+        old.rmdir()
+    print(dim(f"[state] moved {moved} item(s) from {old} to {new}"
+              + (f"; {kept} left there because {new} already has them" if kept else "")))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -170,7 +366,7 @@ def read_text(path: Path, raw: str) -> str:
         raise ToolError(f"{raw} is not a UTF-8 text file")
 
 
-# --- Tools: the handlers -------------------------------------------------------
+# --- [s02] Tools: the handlers ------------------------------------------------
 def read_file(path: str) -> str:
     return truncate(read_text(safe_path(path), path))
 
@@ -190,7 +386,8 @@ def edit_file(path: str, old_text: str, new_text: str) -> str:
     if count == 0:
         raise ToolError(f"old_text not found in {path}; read the file and quote it exactly")
     if count > 1:
-        raise ToolError(f"old_text occurs {count} times in {path}; include more context so it is unique")
+        raise ToolError(f"old_text occurs {count} times in {path}; "
+                        "include more context so it is unique")
     write_atomic(target, text.replace(old_text, new_text, 1))
     return f"edited {path}: replaced 1 occurrence"
 
@@ -201,8 +398,8 @@ def list_dir(path: str = ".") -> str:
         raise ToolError(f"not a directory: {path}")
     lines = []
     for entry in sorted(target.iterdir()):
-        if entry.name in (".state", ".env"):
-            continue  # private to the gateway; not even their names are shown
+        if entry.name == ".env":
+            continue  # secrets: not even the name is shown
         if entry.is_dir():
             lines.append(f"{entry.name}/")
         else:
@@ -210,7 +407,7 @@ def list_dir(path: str = ".") -> str:
     return "\n".join(lines) or "(empty)"
 
 
-# --- Exec approvals ------------------------------------------------------------
+# --- [s02] Exec approvals -----------------------------------------------------
 APPROVALS_FILE = STATE_DIR / "exec-approvals.json"
 APPROVAL_PROMPT = "  Allow? [o]nce / [a]lways / [d]eny > "
 # Commands that only read. They run without asking, but only in their plain
@@ -268,13 +465,13 @@ def is_read_only(command: str) -> bool:
     return True
 
 
-def load_approvals() -> list[str]:
-    """The stored "always" patterns. A file that cannot be read is moved aside, not lost."""
+def load_approvals() -> list[dict]:
+    """The stored "always" answers. A file that cannot be read is moved aside, not lost."""
     if not APPROVALS_FILE.exists():
         return []
     try:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
-        return [str(p) for p in data["always"]]
+        return [{"command": str(a["command"]), "scope": str(a["scope"])} for a in data["always"]]
     except (ValueError, KeyError, TypeError) as exc:
         aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{int(time.time())}.json")
         APPROVALS_FILE.replace(aside)
@@ -282,49 +479,50 @@ def load_approvals() -> list[str]:
         return []
 
 
-def save_approval(pattern: str) -> None:
-    patterns = load_approvals()
-    if pattern not in patterns:
-        patterns.append(pattern)
-    write_atomic(APPROVALS_FILE, json.dumps({"version": 1, "always": patterns}, indent=2) + "\n")
+def is_always_approved(command: str, scope: str) -> bool:
+    return {"command": command, "scope": scope} in load_approvals()
 
 
-def approval_pattern(command: str) -> str:
-    """The glob stored for "always": the program and its first argument, then *.
-    "git status -s" -> "git status*"; "mkdir -p out" -> "mkdir -p*"."""
-    return " ".join(command.split()[:2]) + "*"
+def remember_always(command: str, scope: str) -> None:
+    entries = load_approvals()
+    if {"command": command, "scope": scope} not in entries:
+        entries.append({"command": command, "scope": scope})
+    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries}, indent=2) + "\n")
 
 
 def ask_person(command: str) -> str:
-    """Ask at the terminal. Anything but o or a (including Ctrl-D) is a deny."""
+    """Ask at the terminal: "once", "always" or "deny" (Ctrl-D is a deny)."""
     print(f"  The model wants to run: {command}")
-    print(f"  (always would allow every command matching {approval_pattern(command)!r})")
     try:
         answer = input(APPROVAL_PROMPT).strip().lower()
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         print()
         return "deny"
     return {"o": "once", "once": "once", "a": "always", "always": "always"}.get(answer, "deny")
 
 
-def check_command(command: str) -> None:
-    """Raise ToolError unless this command may run now."""
+def check_command(command: str, approve) -> None:
+    """Raise ToolError unless this command may run now. `approve(command)` decides
+    what is neither refused nor read-only: it returns, or raises ToolError."""
     reason = dangerous_reason(command)
     if reason:
         raise ToolError(f"refused: this command {reason}. It is never run, even with approval.")
     if is_read_only(command):
         return
-    # A stored pattern never covers shell operators: "git status*" must not let
-    # "git status; rm -r notes" through.
-    if not SHELL_OPERATORS.search(command) and any(fnmatch.fnmatchcase(command, p) for p in load_approvals()):
+    approve(command)
+
+
+def approve_at_terminal(command: str) -> None:
+    """The person at the terminal decides: a stored "always", or the prompt."""
+    if is_always_approved(command, "terminal"):
         return
     answer = ask_person(command)
     if answer == "always":
-        pattern = approval_pattern(command)
-        save_approval(pattern)
-        print(dim(f"  (stored {pattern!r} in {APPROVALS_FILE.name})"))
+        remember_always(command, "terminal")
+        print(dim(f"  (stored in {APPROVALS_FILE.name}: this exact command runs without asking)"))
     elif answer == "deny":
-        raise ToolError("the person denied this command. Do not retry it; ask them what they want instead.")
+        raise ToolError("the person denied this command. Do not retry it; "
+                        "ask them what they want instead.")
 
 
 def child_environment() -> dict:
@@ -334,7 +532,7 @@ def child_environment() -> dict:
 
 
 def bash(command: str, timeout: float | None = None) -> str:
-    check_command(command)
+    """Run a command that check_command has let through (run_tool makes sure of that)."""
     limit = min(float(timeout or BASH_TIMEOUT), BASH_MAX_TIMEOUT)
     # A new session makes the command the leader of its own process group, so
     # on timeout one killpg() stops it and every child it started.
@@ -360,14 +558,14 @@ def bash(command: str, timeout: float | None = None) -> str:
     return truncate(f"{status}\n{text}" if text else status)
 
 
-# --- Tools: what the model sees, and the dispatch table ------------------------
+# --- [s02] Tools: what the model sees, and the dispatch table -----------------
 TOOLS = [
-    {"name": "bash", "description": "Run a shell command in the workspace and return its exit code and output. "
-     "Commands that change things wait for the person's approval.",
+    {"name": "bash", "description": "Run a shell command in the workspace and return its exit "
+     "code and output. Commands that change things wait for the person's approval.",
      "input_schema": {"type": "object", "properties": {
          "command": {"type": "string", "description": "The command line, run with bash -c."},
-         "timeout": {"type": "number", "description": f"Seconds before it is killed (default {BASH_TIMEOUT:g}, "
-                     f"at most {BASH_MAX_TIMEOUT})."}},
+         "timeout": {"type": "number", "description": "Seconds before it is killed (default "
+                     f"{BASH_TIMEOUT:g}, at most {BASH_MAX_TIMEOUT})."}},
          "required": ["command"]}},
     {"name": "read_file", "description": "Read a UTF-8 text file in the workspace.",
      "input_schema": {"type": "object", "properties": {
@@ -381,17 +579,20 @@ TOOLS = [
     {"name": "edit_file", "description": "Replace one exact, unique piece of text in a file.",
      "input_schema": {"type": "object", "properties": {
          "path": {"type": "string", "description": "Path relative to the workspace."},
-         "old_text": {"type": "string", "description": "Text that occurs exactly once in the file."},
+         "old_text": {"type": "string",
+                      "description": "Text that occurs exactly once in the file."},
          "new_text": {"type": "string", "description": "What replaces it."}},
          "required": ["path", "old_text", "new_text"]}},
     {"name": "list_dir", "description": "List a folder of the workspace.",
      "input_schema": {"type": "object", "properties": {
-         "path": {"type": "string", "description": "Folder relative to the workspace (default: the root)."}},
+         "path": {"type": "string",
+                  "description": "Folder relative to the workspace (default: the root)."}},
          "required": []}},
 ]
-TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file, "edit_file": edit_file,
-                 "list_dir": list_dir}
-JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "object": dict}
+TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file,
+                 "edit_file": edit_file, "list_dir": list_dir}
+JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool,
+              "object": dict}
 
 
 def check_arguments(name: str, tool_input: dict) -> None:
@@ -406,16 +607,20 @@ def check_arguments(name: str, tool_input: dict) -> None:
                         f"it takes {list(schema['properties'])}")
     for key, value in tool_input.items():
         expected = schema["properties"][key]["type"]
-        if not isinstance(value, JSON_TYPES[expected]) or (expected == "number" and isinstance(value, bool)):
+        is_bool = isinstance(value, bool) and expected != "boolean"  # True is an int to Python
+        if not isinstance(value, JSON_TYPES[expected]) or is_bool:
             raise ToolError(f"{name}: {key} must be a {expected}")
 
 
-def run_tool(name: str, tool_input: dict) -> tuple[str, bool]:
-    """Run one tool call. Returns (content, is_error); never raises for a tool's failure."""
+def run_tool(name: str, tool_input: dict, approve=approve_at_terminal) -> tuple[str, bool]:
+    """Run one tool call. Returns (content, is_error); never raises for a tool's failure.
+    A shell command passes the approval gate first; `approve` is who decides."""
     if name not in TOOL_HANDLERS:
         return f"unknown tool {name!r}; the tools are {', '.join(TOOL_HANDLERS)}", True
     try:
         check_arguments(name, tool_input)
+        if name == "bash":
+            check_command(tool_input["command"], approve)
         return TOOL_HANDLERS[name](**tool_input), False
     except ToolError as exc:
         return str(exc), True
@@ -431,7 +636,7 @@ def preview(text: str) -> str:
     return first + (f"  (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
 
 
-def run_tool_calls(content: list) -> tuple[list, bool]:
+def run_tool_calls(content: list, approve=approve_at_terminal) -> tuple[list, bool]:
     """Answer every tool_use block with a tool_result, in order.
 
     Ctrl-C stops the tool that is running and skips the rest, but each call
@@ -448,19 +653,39 @@ def run_tool_calls(content: list) -> tuple[list, bool]:
             args = json.dumps(block.input, ensure_ascii=False)
             print(dim(f"  → {block.name} {args if len(args) <= 100 else args[:97] + '...'}"))
             try:
-                text, is_error = run_tool(block.name, block.input)
+                text, is_error = run_tool(block.name, block.input, approve)
             except KeyboardInterrupt:
                 text, is_error, interrupted = "interrupted by the person", True, True
             print(dim(f"  {'✗' if is_error else '←'} {preview(text)}"))
-        results.append({"type": "tool_result", "tool_use_id": block.id, "content": text or "(no output)",
-                        "is_error": is_error})
+        results.append({"type": "tool_result", "tool_use_id": block.id,
+                        "content": text or "(no output)", "is_error": is_error})
     return results, interrupted
 
 
-# --- Sessions: append on write, replay on read ---------------------------------
-def is_valid_message(message) -> bool:
-    return (isinstance(message, dict) and message.get("role") in ("user", "assistant")
-            and isinstance(message.get("content"), (str, list)) and bool(message["content"]))
+# --- [s03] Sessions: append on write, replay on read --------------------------
+BLOCK_FIELDS = {"text": {"text": str}, "tool_use": {"id": str, "name": str, "input": dict},
+                "tool_result": {"tool_use_id": str}}  # the block types a session holds
+
+
+def is_valid_block(block) -> bool:
+    fields = BLOCK_FIELDS.get(block.get("type")) if isinstance(block, dict) else None
+    return fields is not None and all(isinstance(block.get(k), t) for k, t in fields.items())
+
+
+def clean_message(message) -> dict | None:
+    """A message from disk as the API will accept it, or None. Blocks of an unknown or
+    broken shape (a hand-edited file, a bug) are dropped, not sent."""
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+        return None
+    content = message.get("content")
+    if isinstance(content, str):
+        return message if content else None
+    if not isinstance(content, list):
+        return None
+    blocks = [b for b in content if is_valid_block(b)]
+    if not blocks:
+        return None
+    return message if len(blocks) == len(content) else {"role": message["role"], "content": blocks}
 
 
 def add_message(messages: list, message: dict) -> None:
@@ -486,19 +711,22 @@ def repair_history(messages: list) -> tuple[list, list]:
     """
     notes, fixed = [], []
     for message in messages:
-        blocks = [b for b in as_blocks(message["content"]) if b.get("type") != "text" or b.get("text")]
+        blocks = [b for b in as_blocks(message["content"])
+                  if b.get("type") != "text" or b.get("text")]
         if message["role"] == "user":
             previous = fixed[-1] if fixed and fixed[-1]["role"] == "assistant" else None
             expected = set(tool_use_ids(previous)) if previous else set()
-            orphans = [b for b in blocks if b.get("type") == "tool_result" and b.get("tool_use_id") not in expected]
+            orphans = [b for b in blocks if b.get("type") == "tool_result"
+                       and b.get("tool_use_id") not in expected]
             if orphans:
-                notes.append(f"dropped {len(orphans)} tool result(s) whose call was lost")
+                notes.append(f"dropped {plural(len(orphans), 'tool result')} whose call was lost")
                 blocks = [b for b in blocks if b not in orphans]
         if not blocks or (not fixed and message["role"] == "assistant"):
             continue
         content = message["content"] if blocks == as_blocks(message["content"]) else blocks
         if fixed and fixed[-1]["role"] == message["role"]:
-            fixed[-1] = {"role": message["role"], "content": as_blocks(fixed[-1]["content"]) + blocks}
+            joined = as_blocks(fixed[-1]["content"]) + blocks
+            fixed[-1] = {"role": message["role"], "content": joined}
         else:
             fixed.append({"role": message["role"], "content": content})
     for i, message in enumerate(fixed):
@@ -510,21 +738,37 @@ def repair_history(messages: list) -> tuple[list, list]:
         answered = {b.get("tool_use_id") for b in answer if b.get("type") == "tool_result"}
         missing = [tid for tid in tool_use_ids(message) if tid not in answered]
         if missing:
-            notes.append(f"answered {len(missing)} tool call(s) that had no result")
+            notes.append(f"answered {plural(len(missing), 'tool call')} that had no result")
             filler = [{"type": "tool_result", "tool_use_id": tid, "is_error": True,
-                       "content": "no result: the gateway stopped before this tool finished"} for tid in missing]
+                       "content": "no result: the gateway stopped before this tool finished"}
+                      for tid in missing]
             fixed[i + 1] = {"role": "user", "content": filler + answer}
     return fixed, notes
 
 
-class Session:
-    """One conversation: its id, its messages, and the store that keeps them."""
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
-    def __init__(self, store: "SessionStore", session_id: str, messages: list):
+
+class Session:
+    """One conversation: its id, its messages, and how much of them is on disk.
+
+    `saved` messages are in the file; of the last of them, `saved_blocks` blocks.
+    Saving appends what is past that point, so a save costs what is new, never
+    a pass over the whole history."""
+
+    def __init__(self, store: SessionStore, session_id: str, messages: list):
         self.store, self.id, self.messages = store, session_id, messages
+        self.mark_saved()
+        self.prompt_tokens = None  # the prompt's size as the last API call reported it
+        self.counted = 0           # how many messages that prompt held
+
+    def mark_saved(self) -> None:
+        self.saved = len(self.messages)
+        self.saved_blocks = as_blocks(self.messages[-1]["content"]) if self.messages else []
 
     def save(self) -> None:
-        self.store.sync(self)
+        self.store.append_new(self)
 
     def replace(self, messages: list, reason: str) -> None:
         """Swap in a rewritten history (a compaction) and record it as a snapshot."""
@@ -538,32 +782,32 @@ class SessionStore:
     Each line is one record: {"type": "message", "message": {...}} appends a
     message; {"type": "snapshot", "messages": [...]} replaces the history so far
     (written by a compaction). Replaying the lines in order rebuilds the list.
+    The index (sessions.json) holds labels and which session is current; it is
+    written when one of those changes, not on every turn.
     """
 
     def __init__(self, root: Path):
         self.root = root
         self.index_path = root / "sessions.json"
-        self.saved: dict[str, list] = {}  # session id -> the messages as last written
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.index = self.load_index()
 
     def load_index(self) -> dict:
-        """The index, or one rebuilt from the session files if it is missing or unreadable."""
+        """The index, or one rebuilt from the session files if it is missing or unreadable.
+        Fields it does not know (a later section's) are kept as they are."""
         try:
             index = json.loads(self.index_path.read_text(encoding="utf-8"))
-            if isinstance(index.get("sessions"), dict):
-                return index
-            raise ValueError("no 'sessions' object")
+            check_index(index)
         except FileNotFoundError:
             index = {"current": None, "sessions": {}}
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, TypeError) as exc:
             aside = self.index_path.with_name(f"sessions.corrupt-{int(time.time())}.json")
             self.index_path.replace(aside)
-            print(dim(f"[sessions] {self.index_path} is not valid ({exc}); moved it to {aside.name}, rebuilding"))
+            print(dim(f"[sessions] {self.index_path} is not valid ({exc}); "
+                      f"moved it to {aside.name} and rebuilt it from the session files"))
             index = {"current": None, "sessions": {}}
         for path in sorted(self.root.glob("*.jsonl")):  # files the index does not know yet
-            index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso(), "updated": now_iso(),
-                                                     "messages": None})
+            index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso()})
         return index
 
     def write_index(self) -> None:
@@ -574,11 +818,9 @@ class SessionStore:
 
     def create(self, label: str | None = None) -> Session:
         session_id = self.new_file()
-        self.index["sessions"][session_id] = {"label": label, "created": now_iso(), "updated": now_iso(),
-                                              "messages": 0}
+        self.index["sessions"][session_id] = {"label": label, "created": now_iso()}
         self.index["current"] = session_id
         self.write_index()
-        self.saved[session_id] = []
         return Session(self, session_id, [])
 
     def new_file(self) -> str:
@@ -587,17 +829,16 @@ class SessionStore:
         while True:
             session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
             try:
-                self.path(session_id).touch(exist_ok=False)
+                os.close(os.open(self.path(session_id), os.O_CREAT | os.O_EXCL, 0o600))
                 return session_id
             except FileExistsError:
                 continue  # taken: draw again
 
     def open(self, session_id: str) -> Session:
-        messages = self.replay(session_id)
-        self.remember(session_id, messages)
+        session = Session(self, session_id, self.replay(session_id))
         self.index["current"] = session_id
         self.write_index()
-        return Session(self, session_id, messages)
+        return session
 
     def resume(self) -> Session:
         """The session used last, or a new one."""
@@ -616,92 +857,112 @@ class SessionStore:
                     record = json.loads(line)
                     kind = record["type"]
                 except (ValueError, KeyError, TypeError):
-                    print(dim(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line"))
+                    print(dim(f"[sessions] {path.name}:{number}: "
+                              "skipped a corrupt or half-written line"))
                     continue
-                if kind == "message" and is_valid_message(record.get("message")):
-                    add_message(messages, record["message"])
+                message = clean_message(record.get("message")) if kind == "message" else None
+                if message:
+                    add_message(messages, message)
                 elif kind == "snapshot" and isinstance(record.get("messages"), list):
-                    messages = [m for m in record["messages"] if is_valid_message(m)]
+                    messages = [m for m in map(clean_message, record["messages"]) if m]
                 else:
-                    print(dim(f"[sessions] {path.name}:{number}: skipped a record of unknown shape"))
+                    print(dim(f"[sessions] {path.name}:{number}: "
+                              "skipped a record of unknown shape"))
         messages, notes = repair_history(messages)
-        for note in notes:
-            print(dim(f"[sessions] {path.name}: {note}"))
+        for problem in notes:
+            print(dim(f"[sessions] {path.name}: {problem}"))
         return messages
 
     def append(self, session_id: str, records: list) -> None:
-        """Append records, one JSON object a line, and fsync: a crash can tear only the last line."""
+        """Append records, one JSON object a line, and fsync: a crash tears at most the last."""
         path = self.path(session_id)
-        torn = False
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-        with open(path, "ab") as f:
-            if torn:
-                f.write(b"\n")  # end a torn line, so it cannot swallow the next record
-            for record in records:
-                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # end a torn line, so it cannot swallow this record
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    def sync(self, session: Session) -> None:
-        """Append what is new since the last write. Messages are only ever added at
-        the end, except that the open user message may grow; its new blocks are
-        written as one more user line, which replay joins back on."""
-        saved, messages = self.saved.get(session.id, []), session.messages
-        n = len(saved)
-        appendable = len(messages) >= n and (n == 0 or messages[:n - 1] == saved[:n - 1])
+    def append_new(self, session: Session) -> None:
+        """Append what is new since the last save. Messages are only ever added at the
+        end, except that the open user message may grow; its new blocks are written as
+        one more user line, which replay joins back on. Anything else is a rewrite,
+        recorded as a snapshot."""
+        messages, n = session.messages, session.saved
         records = []
-        if appendable and n and messages[n - 1] != saved[n - 1]:
-            old, new = as_blocks(saved[n - 1]["content"]), as_blocks(messages[n - 1]["content"])
-            appendable = messages[n - 1]["role"] == "user" and new[:len(old)] == old
-            records.append({"type": "message", "ts": now_iso(), "message": {"role": "user", "content": new[len(old):]}})
-        if not appendable:
-            return self.write_snapshot(session, "rewrite")  # not an append: record the whole list
+        if n > len(messages):
+            return self.write_snapshot(session, "rewrite")
+        if n:
+            old, now = session.saved_blocks, as_blocks(messages[n - 1]["content"])
+            if now != old:
+                if messages[n - 1]["role"] != "user" or now[:len(old)] != old:
+                    return self.write_snapshot(session, "rewrite")
+                grown = {"role": "user", "content": now[len(old):]}
+                records.append({"type": "message", "ts": now_iso(), "message": grown})
         records += [{"type": "message", "ts": now_iso(), "message": m} for m in messages[n:]]
         if records:
             self.append(session.id, records)
-            self.remember(session.id, messages)
-            self.touch(session)
-
-    def remember(self, session_id: str, messages: list) -> None:
-        """Keep a deep copy of what is on disk now, so sync() can tell what is new."""
-        self.saved[session_id] = json.loads(json.dumps(messages))
+            session.mark_saved()
 
     def write_snapshot(self, session: Session, reason: str) -> None:
         self.append(session.id, [{"type": "snapshot", "ts": now_iso(), "reason": reason,
                                   "messages": session.messages}])
-        self.remember(session.id, session.messages)
-        self.touch(session)
-
-    def touch(self, session: Session) -> None:
-        entry = self.index["sessions"].setdefault(session.id, {"label": None, "created": now_iso()})
-        entry.update(updated=now_iso(), messages=len(session.messages))
-        self.index["current"] = session.id
-        self.write_index()
+        session.mark_saved()
 
     def find(self, query: str) -> list[str]:
         """Session ids matching an id, an id prefix, or a label prefix (any case)."""
         q = query.lower()
         return [sid for sid, entry in self.index["sessions"].items()
-                if sid == query or sid.startswith(query) or (entry.get("label") or "").lower().startswith(q)]
+                if sid == query or sid.startswith(query)
+                or (entry.get("label") or "").lower().startswith(q)]
+
+    def listing(self) -> list[tuple[str, dict, float]]:
+        """(id, index entry, last change) of every session, newest first. The time comes
+        from the file, which every save touches, so the index need not be rewritten for it."""
+        rows = []
+        for sid, entry in self.index["sessions"].items():
+            try:
+                rows.append((sid, entry, self.path(sid).stat().st_mtime))
+            except OSError:
+                continue  # its file is gone: nothing to list
+        return sorted(rows, key=lambda row: row[2], reverse=True)
+
+
+def check_index(index) -> None:
+    """Raise ValueError when sessions.json does not have the shape this section reads."""
+    if not isinstance(index, dict) or not isinstance(index.get("sessions"), dict):
+        raise ValueError("no 'sessions' object")
+    if not isinstance(index.get("current"), (str, type(None))):
+        raise ValueError("'current' must be a session id or null")
+    if not all(isinstance(e, dict) for e in index["sessions"].values()):
+        raise ValueError("every session entry must be an object")
 
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-# --- Context: count, and summarize before it overflows --------------------------
-SUMMARY_PREFIX = "[Summary of the earlier part of this conversation, written when it was compacted]"
-SUMMARY_PROMPT = ("You summarize conversations between a person and an assistant with tools. Keep every fact, "
-                  "decision, file name, open task and preference that later turns may need. Be brief.")
+# --- [s03] Context: count, and summarize before it overflows ------------------
+SUMMARY_PREFIX = ("[Summary of the earlier part of this conversation, "
+                  "written when it was compacted]")
+SUMMARY_PROMPT = ("You summarize conversations between a person and an assistant with tools. "
+                  "Keep every fact, decision, file name, open task and preference that later "
+                  "turns may need. Be brief.")
+KEEP_EXCHANGES = 4  # /compact keeps this many of the person's last messages and what followed
+COUNT_MARGIN = 0.9  # past this share of the limit, the estimate is checked with count_tokens
+
+
+def characters(value) -> int:
+    return len(json.dumps(value, ensure_ascii=False))
 
 
 def estimate_tokens(messages: list) -> int:
     """A rough count when the API cannot count: about three characters a token, erring high."""
-    characters = len(json.dumps(messages, ensure_ascii=False)) + len(SYSTEM_PROMPT) + len(json.dumps(TOOLS))
-    return characters // 3
+    return (characters(messages) + len(SYSTEM_PROMPT) + characters(TOOLS)) // 3
 
 
 def is_context_overflow(exc: anthropic.APIError) -> bool:
@@ -726,11 +987,26 @@ def render_for_summary(messages: list) -> str:
     return truncate("\n".join(lines), limit=CONTEXT_WINDOW * 2)
 
 
+def turn_starts(messages: list) -> list[int]:
+    """Where the person's turns begin: user messages with words and no tool results.
+    Cutting there never separates a tool_use from its tool_result."""
+    starts = []
+    for i, message in enumerate(messages):
+        blocks = as_blocks(message["content"]) if message["role"] == "user" else []
+        if any(b.get("type") == "text" for b in blocks) and \
+                not any(b.get("type") == "tool_result" for b in blocks):
+            starts.append(i)
+    return starts
+
+
 class ContextGuard:
     """Keeps the prompt below COMPACT_THRESHOLD of the model's window.
 
-    Counting uses the API's count_tokens endpoint; a local server without it
-    gets a character estimate instead (once it answers 404, it is not asked again).
+    Before a turn it estimates the prompt from what the last API call reported
+    (its `usage`) plus the characters added since: no request of its own. Only
+    when that estimate comes near the limit does it ask count_tokens for the
+    real number; a local server without that endpoint gets a character
+    estimate instead (once it answers 404, it is not asked again).
     """
 
     def __init__(self, client: anthropic.Anthropic):
@@ -744,8 +1020,8 @@ class ContextGuard:
     def count(self, messages: list) -> tuple[int, str]:
         if self.can_count:
             try:
-                counted = self.client.messages.count_tokens(model=MODEL_ID, system=SYSTEM_PROMPT, tools=TOOLS,
-                                                            messages=messages)
+                counted = self.client.messages.count_tokens(
+                    model=MODEL_ID, system=SYSTEM_PROMPT, tools=TOOLS, messages=messages)
                 return counted.input_tokens, "counted by the API"
             except anthropic.APIStatusError as exc:
                 if exc.status_code in (404, 405, 501):
@@ -754,36 +1030,61 @@ class ContextGuard:
                 pass
         return estimate_tokens(messages), "estimated from characters"
 
+    def observe(self, session: Session, usage) -> None:
+        """After a call: remember how big the prompt was, and how many messages it held."""
+        session.prompt_tokens = (usage.input_tokens + (usage.cache_read_input_tokens or 0)
+                                 + (usage.cache_creation_input_tokens or 0))
+        session.counted = len(session.messages)
+
+    def estimate(self, session: Session, user_text: str) -> int:
+        """The next prompt's size: the last reported one plus what was added since, or,
+        for a session no call has seen yet, a character estimate of all of it."""
+        if session.prompt_tokens is None or session.counted > len(session.messages):
+            session.prompt_tokens, session.counted = estimate_tokens(session.messages), len(
+                session.messages)
+        added = characters(session.messages[session.counted:]) + len(user_text)
+        return session.prompt_tokens + added // 3
+
     def check(self, session: Session, user_text: str) -> None:
         """Before a turn: compact if the prompt, with the new words, would pass the limit."""
-        probe = list(session.messages)
-        add_user_text(probe, user_text)
-        tokens, _ = self.count(probe)
+        tokens = self.estimate(session, user_text)
+        if tokens > self.limit * COUNT_MARGIN:  # close: worth one request for the real number
+            probe = list(session.messages)
+            add_user_text(probe, user_text)
+            tokens, _ = self.count(probe)
         if tokens > self.limit:
-            self.compact(session, f"{tokens} tokens is over the limit of {self.limit}")
+            self.compact(session, f"{tokens:,} tokens is over the limit of {self.limit:,}")
 
-    def cut_point(self, messages: list) -> int | None:
-        """Where the recent part starts: at an assistant message, so a tool_use and
-        its tool_result always land on the same side. The recent part keeps up to
-        a quarter of the limit; at least the last assistant message is kept."""
-        candidates = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
-        for i in candidates:
-            if estimate_tokens(messages[i:]) <= self.limit // 4:
-                return i
-        return candidates[-1] if candidates else None
+    def cut_point(self, messages: list, keep_exchanges: int | None = None) -> int | None:
+        """Where the kept part starts: at the start of one of the person's turns. Asked
+        for by name (/compact): keep the last `keep_exchanges` turns. Automatic: keep
+        as many recent turns as fit in a quarter of the limit, at least the last one."""
+        starts = [i for i in turn_starts(messages) if i > 0]
+        if keep_exchanges is not None:
+            return starts[-keep_exchanges] if len(starts) >= keep_exchanges else None
+        sizes = [characters(m) for m in messages]
+        kept, budget = len(messages), self.limit // 4 * 3  # in characters, about 3 a token
+        for i in reversed(starts):
+            if sum(sizes[i:kept]) > budget:
+                break
+            budget -= sum(sizes[i:kept])
+            kept = i
+        return kept if kept < len(messages) else (starts[-1] if starts else None)
 
-    def compact(self, session: Session, why: str) -> bool:
+    def compact(self, session: Session, why: str, keep_exchanges: int | None = None) -> bool:
         """Summarize the older part with the model, keep the recent part, record a snapshot."""
         messages = session.messages
-        cut = self.cut_point(messages)
+        cut = self.cut_point(messages, keep_exchanges)
         if cut is None:
-            print(dim("[context] nothing to compact yet"))
+            kept = f" (it keeps your last {keep_exchanges} messages)" if keep_exchanges else ""
+            print(dim(f"[context] nothing to compact yet{kept}"))
             return False
-        print(dim(f"[context] compacting ({why}): summarizing {cut} older messages"))
+        print(dim(f"[context] compacting ({why}): summarizing "
+                  f"{plural(cut, 'older message')}"))
         try:
-            reply = self.client.messages.create(model=MODEL_ID, max_tokens=2048, system=SUMMARY_PROMPT,
-                                                messages=[{"role": "user", "content": render_for_summary(
-                                                    messages[:cut])}])
+            reply = self.client.messages.create(
+                model=MODEL_ID, max_tokens=2048, system=SUMMARY_PROMPT,
+                messages=[{"role": "user", "content": render_for_summary(messages[:cut])}])
         except anthropic.APIError as exc:
             print(f"Compaction failed: {describe_api_error(exc)}")
             return False
@@ -795,205 +1096,109 @@ class ContextGuard:
             print("Compaction failed: the model returned an empty summary.")
             return False
         before = len(messages)
-        session.replace([{"role": "user", "content": f"{SUMMARY_PREFIX}\n{summary}"}] + messages[cut:], "compaction")
+        # The summary opens the first kept turn, so the history still starts with the person.
+        first = [{"type": "text", "text": f"{SUMMARY_PREFIX}\n{summary}"}]
+        first += as_blocks(messages[cut]["content"])
+        session.replace([{"role": "user", "content": first}] + messages[cut + 1:], "compaction")
+        session.prompt_tokens = None  # the next check estimates the new, shorter history
         print(dim(f"[context] compacted: {before} messages -> {len(session.messages)}"))
         return True
 
 
-# --- The agent loop --------------------------------------------------------
-def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
-    """Send the conversation; print text as it arrives; return the whole message."""
-    with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
-                                tools=TOOLS, messages=messages) as stream:
-        for text in stream.text_stream:
-            print(text, end="", flush=True)
-        return stream.get_final_message()
-
-
-def print_usage(message: anthropic.types.Message) -> None:
-    u = message.usage
-    cached = u.cache_read_input_tokens or 0
-    print(dim(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
-              f" · stop {message.stop_reason}]"))
-
-
-def assistant_content(message: anthropic.types.Message) -> list:
-    """The reply as history blocks: text and tool_use, never an empty text block."""
-    blocks = []
-    for block in message.content:
-        if block.type == "text" and block.text:
-            blocks.append({"type": "text", "text": block.text})
-        elif block.type == "tool_use":
-            blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
-    return blocks
-
-
-def as_blocks(content) -> list:
-    """Message content as a list of blocks (the API also accepts a plain string)."""
-    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-
-
-def add_user_text(messages: list, user_text: str) -> None:
-    """Append the person's words. After an interrupted tool exchange the history
-    already ends with a user message (the tool results): join it, so roles alternate."""
-    if messages and messages[-1]["role"] == "user":
-        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
-        messages[-1] = {"role": "user", "content": joined}
-    else:
-        messages.append({"role": "user", "content": user_text})
-
-
-def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
-               guard: ContextGuard | None = None) -> str | None:
-    """One turn: as many model calls as the tools need. Returns the reply text, or
-    None when the turn ended early (rolled back to the last consistent point).
-    The session is saved at every consistent point."""
-    guard = guard or ContextGuard(client)
-    guard.check(session, user_text)
-    messages = session.messages
-    consistent = list(messages)  # the last point at which the history is whole
-    add_user_text(messages, user_text)
-    words_pending = True  # the person's words are not part of `consistent` yet
-    compacted_once = False
-    for _ in range(MAX_TOOL_ROUNDS):
-        try:
-            message = stream_reply(client, messages)
-        except anthropic.APIError as exc:
-            messages[:] = consistent  # roll back to the last consistent point
-            if is_context_overflow(exc) and not compacted_once:
-                compacted_once = True
-                if compact_and_retry(session, guard, consistent, user_text, words_pending):
-                    continue
-            print(f"\n{describe_api_error(exc)}")
-            return None
-        except KeyboardInterrupt:
-            messages[:] = consistent
-            print("\n(interrupted; that turn was dropped)")
-            return None
-        text = "".join(block.text for block in message.content if block.type == "text")
-        if text:
-            print()  # end the streamed line
-        print_usage(message)
-        reason = message.stop_reason
-        if reason == "model_context_window_exceeded" and not compacted_once:
-            compacted_once = True
-            if compact_and_retry(session, guard, consistent, user_text, words_pending):
-                continue
-        if reason == "tool_use":
-            results, interrupted = run_tool_calls(message.content)
-            # The call and its results join the history together: it is whole again.
-            messages.append({"role": "assistant", "content": assistant_content(message)})
-            messages.append({"role": "user", "content": results})
-            consistent = list(messages)
-            words_pending = False
-            session.save()
-            if interrupted:
-                print("(interrupted; what the tools did so far is kept in the history)")
-                return None
-            continue
-        reply = finish_turn(messages, consistent, message, text)
-        session.save()
-        return reply
-    print(f"(stopped after {MAX_TOOL_ROUNDS} model calls in one turn; send a message to let it go on)")
-    return None
-
-
-def compact_and_retry(session: Session, guard: ContextGuard, consistent: list, user_text: str,
-                      words_pending: bool) -> bool:
-    """The API said the prompt is too long: compact the consistent history, put
-    the person's words back if they were not in it yet, and let the turn retry once."""
-    as_it_was = list(session.messages)
-    session.messages[:] = consistent
-    if not guard.compact(session, "the model's context window overflowed"):
-        session.messages[:] = as_it_was  # no retry: the caller goes on from where it was
-        return False
-    consistent[:] = session.messages
-    if words_pending:
-        add_user_text(session.messages, user_text)
-    return True
-
-
-def finish_turn(messages: list, consistent: list, message: anthropic.types.Message, text: str) -> str | None:
-    """Keep a final reply that has text and ended normally or was cut off; drop anything else."""
-    reason = message.stop_reason
-    if reason == "refusal":
-        print("(the model declined to answer; that turn was dropped)")
-    elif not text:
-        print(f"(empty reply, stop reason {reason}; that turn was dropped)")
-    else:
-        if reason == "max_tokens":
-            print(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
-        elif reason != "end_turn":
-            print(f"(stopped: {reason})")
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        return text
-    messages[:] = consistent  # an unusable reply: back to the last consistent point
-    return None
-
-
-# --- The REPL --------------------------------------------------------------
-HELP = """Commands:
-  /new [label]  start a new session (the old one stays on disk)
-  /list         list the sessions, newest first
-  /switch X     switch to a session by id, id prefix or label prefix
-  /context      how full the model's context window is
-  /compact      summarize the older part of this session now
-  /help         show this list
-  quit, exit    leave (Ctrl-D and Ctrl-C work too)
-Anything else is sent to the model."""
-
-
+# --- [s03] Commands: sessions and context -------------------------------------
 def session_line(session: Session, how: str) -> str:
     label = session.store.index["sessions"].get(session.id, {}).get("label")
-    return f"Session {session.id}{f' ({label})' if label else ''}: {how}, {len(session.messages)} messages"
+    return (f"Session {session.id}{f' ({label})' if label else ''}: {how}, "
+            f"{plural(len(session.messages), 'message')}")
 
 
-def run_command(line: str, session: Session, guard: ContextGuard) -> Session:
-    """The session commands. Returns the session to use from now on."""
-    store = session.store
-    command, _, arg = line.partition(" ")
-    arg = arg.strip()
-    if command == "/new":
-        session = store.create(arg or None)
-        print(session_line(session, "new"))
-    elif command == "/list":
-        by_update = sorted(store.index["sessions"].items(), key=lambda kv: kv[1].get("updated") or "", reverse=True)
-        for sid, entry in by_update:
-            mark = "*" if sid == session.id else " "
-            label = f" ({entry['label']})" if entry.get("label") else ""
-            count = entry.get("messages")
-            print(f"  {mark} {sid}{label}  {'?' if count is None else count} messages, updated {entry.get('updated')}")
-    elif command == "/switch":
-        matches = store.find(arg) if arg else []
-        if len(matches) == 1:
-            session = store.open(matches[0])
-            print(session_line(session, "switched"))
-        elif not arg:
-            print("Usage: /switch <id, id prefix or label prefix>")
-        elif not matches:
-            print(f"No session matches {arg!r}; /list shows them.")
-        else:
-            print(f"{arg!r} matches {len(matches)} sessions: {', '.join(matches)}. Say which.")
-    elif command == "/context":
-        tokens, how = guard.count(session.messages) if session.messages else (0, "empty")
-        print(f"Context: {tokens:,} tokens ({how}) of a {CONTEXT_WINDOW:,}-token window; "
-              f"compaction at {guard.limit:,} ({COMPACT_THRESHOLD:.0%}); {len(session.messages)} messages")
-    elif command == "/compact":
-        guard.compact(session, "asked for with /compact")
+def new_session(repl: Repl, arg: str) -> None:
+    repl.session = repl.session.store.create(arg or None)
+    print(session_line(repl.session, "new"))
+
+
+def list_sessions(repl: Repl, arg: str) -> None:
+    for sid, entry, changed in repl.session.store.listing():
+        mark = "*" if sid == repl.session.id else " "
+        label = f" ({entry['label']})" if entry.get("label") else ""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(changed))
+        print(f"  {mark} {sid}{label}  updated {when}")
+
+
+def switch_session(repl: Repl, arg: str) -> None:
+    matches = repl.session.store.find(arg) if arg else []
+    if len(matches) == 1:
+        repl.session = repl.session.store.open(matches[0])
+        print(session_line(repl.session, "switched"))
+    elif not arg:
+        print("Usage: /switch <id, id prefix or label prefix>")
+    elif not matches:
+        print(f"No session matches {arg!r}; /list shows them.")
     else:
-        print(f"Unknown command {command}; /help lists the commands.")
-    return session
+        print(f"{arg!r} matches {len(matches)} sessions: {', '.join(matches)}. Say which.")
+
+
+def show_context(repl: Repl, arg: str) -> None:
+    session, guard = repl.session, repl.guard
+    tokens, how = guard.count(session.messages) if session.messages else (0, "empty")
+    print(f"Context: {tokens:,} tokens ({how}) of a {CONTEXT_WINDOW:,}-token window; "
+          f"compaction at {guard.limit:,} ({COMPACT_THRESHOLD:.0%}); "
+          f"{plural(len(session.messages), 'message')}")
+
+
+def compact_now(repl: Repl, arg: str) -> None:
+    repl.guard.compact(repl.session, "asked for with /compact", keep_exchanges=KEEP_EXCHANGES)
+
+
+# --- [s01] The REPL: one table of commands ------------------------------------
+@dataclass
+class Repl:
+    """What the REPL's commands work on."""
+    client: anthropic.Anthropic
+    session: Session
+    guard: ContextGuard
+
+
+def show_help(repl: Repl, arg: str) -> None:
+    print("Commands:")
+    for name, (_, args, text) in COMMANDS.items():
+        print(f"  {f'{name} {args}'.strip():<14} {text}")
+    print("  quit, exit     leave (Ctrl-D and Ctrl-C work too)")
+    print("Anything else is sent to the model.")
+
+
+# The dispatch-table idea of s02, applied to the REPL: /name -> (handler, arguments, help).
+COMMANDS = {
+    "/new": (new_session, "[label]", "start a new session (the old one stays on disk)"),
+    "/list": (list_sessions, "", "list the sessions, newest first"),
+    "/switch": (switch_session, "X", "switch to a session by id, id prefix or label prefix"),
+    "/context": (show_context, "", "how full the model's context window is"),
+    "/compact": (compact_now, "", f"summarize all but the last {KEEP_EXCHANGES} exchanges now"),
+    "/help": (show_help, "", "show this list"),
+}
+
+
+def run_command(repl: Repl, line: str) -> None:
+    name, _, arg = line.partition(" ")
+    if name not in COMMANDS:
+        print(f"Unknown command {name}; /help lists the commands.")
+        return
+    handler = COMMANDS[name][0]
+    handler(repl, arg.strip())
 
 
 def main() -> int:
     client = make_client()
-    WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
+    problem = prepare_folders()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # a non-UTF-8 byte becomes U+FFFD, not a crash
     print(f"{SECTION} · model {MODEL_ID} · base URL {BASE_URL or 'https://api.anthropic.com'}")
-    print(f"Workspace: {WORKSPACE_DIR} ({len(TOOLS)} tools)")
-    store = SessionStore(SESSIONS_DIR)
-    session = store.resume()
-    guard = ContextGuard(client)
-    print(session_line(session, "resumed" if session.messages else "new"))
+    print(f"Workspace: {WORKSPACE_DIR} ({len(TOOLS)} tools) · state: {STATE_DIR}")
+    repl = Repl(client, SessionStore(SESSIONS_ROOT / AGENT_ID).resume(), ContextGuard(client))
+    print(session_line(repl.session, "resumed" if repl.session.messages else "new"))
     print("Type a message, /help for commands, quit to leave.")
     while True:
         try:
@@ -1005,13 +1210,10 @@ def main() -> int:
             continue
         if user_text.lower() in ("quit", "exit"):
             break
-        if user_text == "/help":
-            print(HELP)
-            continue
         if user_text.startswith("/"):
-            session = run_command(user_text, session, guard)
+            run_command(repl, user_text)
             continue
-        agent_turn(client, session, user_text, guard)
+        agent_turn(client, repl.session, user_text, repl.guard)
     print("Bye.")
     return 0
 
