@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fake_anthropic import error, reply, tool_use
-from harness import (assert_valid_history, drive_repl, history_of, new_conversation, run_section, section_id,
+from harness import (assert_valid_history, drive_repl, history_of, new_conversation, run_section, section_id, state_of,
                      sections_from, whole_process_only)
 
 SECTIONS = sections_from("s02")
@@ -78,7 +78,7 @@ def test_file_tools_fail_with_a_message_the_model_can_act_on(path, load, workspa
 
 def test_list_dir_hides_gateway_state(path, load, workspace):
     mod = load(path)
-    (workspace / ".state").mkdir(exist_ok=True)
+    (state_of(workspace)).mkdir(exist_ok=True)
     (workspace / ".env").write_text("SECRET=1")
     listing, _ = mod.run_tool("list_dir", {})
     assert ".state" not in listing and ".env" not in listing
@@ -249,7 +249,7 @@ def test_always_is_stored_and_honoured_after_a_restart(path, load, monkeypatch, 
 
 def test_a_corrupt_approvals_file_is_moved_aside_not_lost(path, load, monkeypatch, workspace):
     mod = load(path)
-    state = workspace / ".state"
+    state = state_of(workspace)
     state.mkdir()
     (state / "exec-approvals.json").write_text("{not json")
     asked = answers(monkeypatch, "d")

@@ -20,7 +20,7 @@ import telegram
 from fake_anthropic import last_user_text, reply, tool_use
 from fake_feishu import FakeFeishu, message_event, url_verification
 from fake_telegram import FakeTelegram
-from harness import (Screen, assert_valid_history, drive_repl, isolated_env, section_id, sections_from, wait_for,
+from harness import (Screen, assert_valid_history, drive_repl, isolated_env, section_id, sections_from, wait_for, main_store, state_of,
                      whole_process_only)
 
 SECTIONS = sections_from("s04")
@@ -66,7 +66,7 @@ def texts(sent) -> list[str]:
 
 
 def session_index(workspace) -> dict:
-    return json.loads((workspace / ".state" / "sessions" / "main" / "sessions.json").read_text())
+    return json.loads((state_of(workspace) / "sessions" / "main" / "sessions.json").read_text())
 
 
 def chat_keys(workspace) -> set[str]:
@@ -152,9 +152,9 @@ def test_an_allowed_telegram_user_gets_an_answer_in_their_own_session(path, load
     assert tg.actions[0] == {"chat_id": 42, "action": "typing"}
     assert last_user_text(fake_api.requests[0]) == "hi there"
     assert re.search(r"telegram\s+on\s+@gateway_test_bot", out)
-    assert "[telegram] Ada (42): hi there" in out
+    assert re.search(r"\[(agent:main:)?telegram:direct:42\] Ada \(42\): hi there", out)
     key = chat_session(workspace, "telegram:direct:42")
-    lines = (workspace / ".state" / "sessions" / "main" / f"{key}.jsonl").read_text().splitlines()
+    lines = (state_of(workspace) / "sessions" / "main" / f"{key}.jsonl").read_text().splitlines()
     saved = [json.loads(line)["message"] for line in lines]
     assert saved == [{"role": "user", "content": "hi there"},
                      {"role": "assistant", "content": [{"type": "text", "text": "Hello Ada, from the agent."}]}]
@@ -170,7 +170,7 @@ def test_an_unknown_sender_gets_only_a_pairing_code_until_approved(path, load, f
         tg.push(tg.private_message("what is the wifi password?", user_id=77, first_name="Eve"))
         code["value"] = re.search(r"pairing code is ([A-Z2-9]{8})\b", tg.wait_for_sent(1)[0]["text"]).group(1)
         tg.push(tg.private_message("hello??", user_id=77, first_name="Eve"))
-        screen.wait_for("a request is pending")  # the second message got no second code
+        screen.wait_for("a request of theirs is pending")  # the second message got no second code
         return "/pair"
 
     def approve():
@@ -193,7 +193,7 @@ def test_an_unknown_sender_gets_only_a_pairing_code_until_approved(path, load, f
     assert [last_user_text(r) for r in fake_api.requests] == ["hello now"]  # the model never saw the first two
     assert "wifi" not in json.dumps(fake_api.requests)
     assert f"Eve (77), asked 0 min ago" in out and "Approved telegram user 77" in out
-    stored = json.loads((workspace / ".state" / "pairing.json").read_text())
+    stored = json.loads((state_of(workspace) / "pairing.json").read_text())
     assert stored["approved"] == {"telegram": ["77"]}
 
 
@@ -206,35 +206,41 @@ def test_an_approval_survives_a_restart_and_a_denied_sender_gets_no_new_code(pat
     code_a, code_m = pairing.request(alice), pairing.request(mallory)
     assert len(code_a) == 8 and code_a != code_m
     assert pairing.request(alice) is None  # one code per sender
-    assert pairing.answer(code_a.lower(), approve=True)["sender"] == "5"
-    assert pairing.answer(code_m, approve=False)["sender"] == "6"
+    assert pairing.decide(code_a.lower(), approve=True)["sender"] == "5"
+    assert pairing.decide(code_m, approve=False)["sender"] == "6"
     assert pairing.request(mallory) is None  # denied: no new code within the hour
-    assert pairing.answer(code_a, approve=True) is None  # a code works once
+    assert pairing.decide(code_a, approve=True) is None  # a code works once
     again = mod.Pairing({})
     assert again.is_allowed("telegram", "5") and not again.is_allowed("telegram", "6")
     assert not again.is_allowed("feishu", "5")  # approval is per channel
     assert mod.Pairing({"telegram": {"6"}}).is_allowed("telegram", "6")  # TELEGRAM_ALLOW_FROM
 
 
-def test_pairing_codes_expire_and_strangers_are_capped(path, load, monkeypatch):
+def test_pairing_codes_expire_and_a_flood_of_strangers_cannot_block_pairing(path, load,
+                                                                             monkeypatch):
     mod = load(path)
     pairing = mod.Pairing({})
-    strangers = [mod.InboundMessage(channel="telegram", account="b", peer=str(n), sender=str(n), text="x")
-                 for n in range(5)]
+    cap = mod.MAX_PENDING_PAIRINGS
+    strangers = [mod.InboundMessage(channel="telegram", account="b", peer=str(n), sender=str(n),
+                                    text="x") for n in range(cap + 5)]
     codes = [pairing.request(m) for m in strangers]
-    assert all(codes[:3]) and codes[3:] == [None, None]  # at most three wait per channel
+    assert all(codes), "every stranger gets a code: the oldest requests give way"
+    waiting = [r["sender"] for r in pairing.pending()]
+    assert len(waiting) == cap and waiting[-1] == str(cap + 4) and "0" not in waiting
+    assert pairing.decide(codes[0], approve=True) is None  # pushed out by the flood
+    assert pairing.decide(codes[-1], approve=True)["sender"] == str(cap + 4)  # the real one pairs
+    assert pairing.request(strangers[-2]) is None  # one code per sender at a time
     feishu = mod.InboundMessage(channel="feishu", account="b", peer="ou_1", sender="ou_1", text="x")
     assert pairing.request(feishu)  # the cap is per channel
     later = time.time() + mod.PAIRING_TTL + 1
     monkeypatch.setattr(mod.time, "time", lambda: later)
     assert pairing.pending() == []
-    assert pairing.answer(codes[0], approve=True) is None  # expired
-    assert pairing.request(strangers[4])  # room again
+    assert pairing.decide(codes[-2], approve=True) is None  # expired
 
 
 def test_a_corrupt_pairing_file_is_moved_aside_and_nobody_is_let_in(path, load, workspace, capsys):
     mod = load(path)
-    state = workspace / ".state"
+    state = state_of(workspace)
     state.mkdir(exist_ok=True)
     (state / "pairing.json").write_text('{"approved": {"telegram": ["5"]')  # torn
     pairing = mod.Pairing({})
@@ -404,7 +410,7 @@ def test_a_remote_bash_request_waits_for_approve_at_the_terminal(path, load, fak
     assert texts(tg.sent) == ["Waiting for the operator to approve this command: touch from-telegram.txt",
                               "Created from-telegram.txt."]
     assert "telegram:direct:42 wants to run: touch from-telegram.txt" in out
-    assert "Approved for telegram:direct:42: touch from-telegram.txt" in out
+    assert re.search(r"Approved for (agent:main:)?telegram:direct:42: touch from-telegram.txt", out)
     assert "Allow? [o]nce" not in out  # the terminal prompt is for the terminal's own turns
 
 
@@ -441,8 +447,9 @@ def test_deny_and_unknown_ids_at_the_terminal(path, load, fake_api, tg, monkeypa
         return "quit"
     code, out = drive_repl(mod, [ask, "/deny 1", done], monkeypatch, capsys)
     assert not (workspace / "x.txt").exists()
-    assert "No command is waiting with id '9'" in out and "Denied for telegram:direct:42: touch x.txt" in out
-    assert "the person denied" in fake_api.requests[1]["messages"][-1]["content"][0]["content"]
+    assert "No command is waiting with id '9'" in out
+    assert re.search(r"Denied for (agent:main:)?telegram:direct:42: touch x.txt", out)
+    assert "the operator denied" in fake_api.requests[1]["messages"][-1]["content"][0]["content"]
 
 
 # --- Feishu ------------------------------------------------------------------------------------------
@@ -556,7 +563,7 @@ def test_a_webhook_port_in_use_switches_feishu_off_and_the_repl_runs(path, load,
 
 def test_the_terminal_cannot_switch_into_a_chat_that_is_still_using_its_session(path, load, workspace):
     mod = load(path)
-    store = mod.SessionStore(mod.SESSIONS_DIR)
+    store = main_store(mod)
     terminal = store.create("mine")
     chat = store.for_key("telegram:direct:42")
     assert store.for_key("telegram:direct:42") is chat  # kept open, not replayed per message
@@ -565,7 +572,7 @@ def test_the_terminal_cannot_switch_into_a_chat_that_is_still_using_its_session(
     assert store.index["current"] == terminal.id  # a chat's session never becomes the terminal's
     fresh = store.for_key("telegram:direct:42", fresh=True)  # the chat sent /new
     assert fresh.id != chat.id and store.find(chat.id) == [chat.id]  # the old one is free now
-    reopened = mod.SessionStore(mod.SESSIONS_DIR)
+    reopened = main_store(mod)
     assert reopened.for_key("telegram:direct:42").id == fresh.id
 
 
@@ -659,7 +666,7 @@ def test_leaving_denies_waiting_commands_and_lets_the_chat_hear_the_end(path, lo
     code, out = drive_repl(mod, [leave_while_it_waits], monkeypatch, capsys)
     assert code == 0 and not (workspace / "late.txt").exists()
     assert texts(tg.sent)[-1] == "The operator left before approving; nothing was created."
-    assert "remote conversation(s) finish" in out
+    assert "(letting 1 remote conversation finish" in out
 
 
 @pytest.mark.parametrize("domain, shown", [("lark", "API https://open.larksuite.com"),
@@ -690,7 +697,7 @@ def test_background_lines_wait_while_a_terminal_turn_prints(path, load, fake_api
     code, out = drive_repl(mod, ["a slow question"], monkeypatch, capsys)
     helper.join(10)
     answer = out.index("The terminal's answer, streamed.")
-    assert out.index("[telegram] Ada (42): from the phone") > answer  # held, then printed after the turn
+    assert out.index("Ada (42): from the phone") > answer  # held, then printed after the turn
     assert "The terminal's answer, streamed.\n" in out  # nothing landed inside the streamed line
 
 
@@ -736,5 +743,5 @@ def test_at_the_prompt_a_background_line_goes_above_what_you_are_typing(path, tg
             os.waitpid(pid, 0)
         os.close(fd)
     line = screen.index(b"ping from the phone")
-    assert b"\r\x1b[K" in screen[line - 40:line]  # the half-typed line was cleared first
+    assert b"\r\x1b[K" in screen[line - 100:line]  # the half-typed line was cleared first
     assert b"\nYou > hel" in screen[line:]

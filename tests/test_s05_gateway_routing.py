@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 from browser import Browser, browser_required, find_chromium
 from fake_anthropic import last_user_text, reply, tool_use
 from fake_telegram import FakeTelegram
-from harness import Screen, assert_valid_history, drive_repl, section_id, sections_from, wait_for
+from harness import Screen, assert_valid_history, drive_repl, section_id, sections_from, wait_for, state_of
 
 SECTIONS = sections_from("s05")
 
@@ -97,7 +97,7 @@ def with_gateway(mod, monkeypatch, capsys, body):
 
 
 def gateway_config(workspace) -> dict:
-    return json.loads((workspace / "gateway.json").read_text())
+    return json.loads((state_of(workspace) / "gateway.json").read_text())
 
 
 def write_config(workspace, **changes) -> None:
@@ -107,7 +107,8 @@ def write_config(workspace, **changes) -> None:
                           "tools": ["bash", "read_file", "write_file", "edit_file", "list_dir"]}],
               "bindings": [], "identity_links": {}}
     config.update(changes)
-    (workspace / "gateway.json").write_text(json.dumps(config, indent=2))
+    state_of(workspace).mkdir(exist_ok=True)
+    (state_of(workspace) / "gateway.json").write_text(json.dumps(config, indent=2))
 
 
 # --- The front door: token, origin ---------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_a_foreign_browser_origin_is_refused(path, load, fake_api, monkeypatch, 
 def test_the_token_is_generated_once_owner_only_and_GATEWAY_TOKEN_wins(path, load, fake_api, monkeypatch, capsys,
                                                                        workspace):
     first = with_gateway(load(path), monkeypatch, capsys, lambda gw: gw.token)[2]
-    token_file = workspace / ".state" / "gateway-token"
+    token_file = state_of(workspace) / "gateway-token"
     assert token_file.read_text().strip() == first and len(first) >= 32
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert with_gateway(load(path), monkeypatch, capsys, lambda gw: gw.token)[2] == first  # kept across restarts
@@ -351,23 +352,44 @@ def test_dm_scopes_and_group_keys(path, load, workspace):
                                         "agent:main:telegram:group:-100:topic:7"]
 
 
-def test_identity_links_merge_one_persons_chats_into_one_session(path, load, fake_api, monkeypatch, capsys,
-                                                                 workspace):
-    write_config(workspace, identity_links={"ada": ["telegram:42", "feishu:ou_ada"]})
+def test_identity_links_merge_one_persons_chats_into_one_session(path, load, fake_api, monkeypatch,
+                                                                 capsys, workspace):
+    write_config(workspace, identity_links={"ada": ["telegram:42", "webchat:ada-laptop"]})
+    tg = FakeTelegram().start()
+    try:
+        mod = load(path, TELEGRAM_BOT_TOKEN=tg.token, TELEGRAM_API_BASE=tg.api_base,
+                   TELEGRAM_ALLOW_FROM="42")
 
+        def body(gw):
+            tg.push(tg.private_message("I am Ada", user_id=42))
+            tg.wait_for_sent(1)
+            client = gw.client()
+            second = client.call("chat.send", {"text": "who am I?", "peer_id": "ada-laptop"})
+            other = client.call("chat.send", {"text": "and me?", "peer_id": "bob-laptop"})
+            history = client.call("chat.history", {"session_key": "agent:main:direct:ada"})
+            return second, other, history
+        code, out, (second, other, history) = with_gateway(mod, monkeypatch, capsys, body)
+    finally:
+        tg.stop()
+    assert second["result"]["session_key"] == "agent:main:direct:ada"
+    assert other["result"]["session_key"] == "agent:main:webchat:direct:bob-laptop"
+    assert len(fake_api.requests[1]["messages"]) == 3  # Ada on the web sees what she said on Telegram
+    assert len(fake_api.requests[2]["messages"]) == 1
+    assert [m["role"] for m in history["result"]["messages"]] == ["user", "assistant"] * 2
+
+
+def test_a_gateway_client_cannot_speak_in_a_telegram_chats_session(path, load, fake_api,
+                                                                   monkeypatch, capsys):
+    """The token is an operator key, but what its holder says stays in the webchat channel."""
     def body(gw):
         client = gw.client()
-        first = client.call("chat.send", {"text": "I am Ada", "peer_id": "42", "channel": "telegram"})
-        second = client.call("chat.send", {"text": "who am I?", "peer_id": "ou_ada", "channel": "feishu"})
-        other = client.call("chat.send", {"text": "and me?", "peer_id": "ou_bob", "channel": "feishu"})
-        history = client.call("chat.history", {"session_key": "agent:main:direct:ada"})
-        return first, second, other, history
-    code, out, (first, second, other, history) = with_gateway(load(path), monkeypatch, capsys, body)
-    assert first["result"]["session_key"] == second["result"]["session_key"] == "agent:main:direct:ada"
-    assert other["result"]["session_key"] == "agent:main:feishu:direct:ou_bob"
-    assert len(fake_api.requests[1]["messages"]) == 3  # Ada on Feishu sees what she said on Telegram
-    assert len(fake_api.requests[2]["messages"]) == 1
-    assert [m["role"] for m in history["result"]["messages"]] == ["user", "assistant", "user", "assistant"]
+        forged = client.call("chat.send", {"text": "hi", "peer_id": "42", "channel": "telegram"})
+        own = client.call("chat.send", {"text": "hi", "peer_id": "42"})
+        return forged, own
+    code, out, (forged, own) = with_gateway(load(path), monkeypatch, capsys, body)
+    assert forged["error"]["code"] == -32602 and "'channel'" in forged["error"]["message"]
+    assert own["result"]["session_key"] == "agent:main:webchat:direct:42"
+    assert len(fake_api.requests) == 1
 
 
 def test_bindings_set_list_remove_and_resolve_through_the_protocol(path, load, fake_api, monkeypatch, capsys,
@@ -422,7 +444,7 @@ def test_an_agent_gets_its_own_model_tools_and_session_folder(path, load, fake_a
     result = fake_api.requests[1]["messages"][-1]["content"][0]
     assert result["is_error"] and "unknown tool 'bash'" in result["content"]  # asked anyway: refused
     assert not (workspace / "owned.txt").exists()
-    assert list((workspace / ".state" / "sessions" / "reader").glob("*.jsonl"))
+    assert list((state_of(workspace) / "sessions" / "reader").glob("*.jsonl"))
 
 
 def test_an_agent_without_tools_sends_no_tools_field(path, load, fake_api, monkeypatch, capsys, workspace):
@@ -460,7 +482,7 @@ def test_the_defaults_are_written_once_and_a_broken_file_is_a_sentence_not_a_tra
     config = gateway_config(workspace)
     assert config["default_agent"] == "main" and config["dm_scope"] == "per-channel-peer"
     assert "main (default): Claw" in out and "No bindings" in out
-    (workspace / "gateway.json").write_text('{\n  "agents": [\n    {"id": "main",}\n  ]\n}\n')
+    (state_of(workspace) / "gateway.json").write_text('{\n  "agents": [\n    {"id": "main",}\n  ]\n}\n')
     assert load(path).main() == 2
     err = capsys.readouterr().err
     assert "gateway.json: line 3: not valid JSON" in err and "delete the file" in err

@@ -1,39 +1,59 @@
 #!/usr/bin/env python3
 """s04 Channels: every platform becomes one InboundMessage.
 
-One list of messages, one loop. Each turn: append what the person typed,
-stream the model's reply to the terminal, then look at `stop_reason` to decide
-what the reply means. If the call fails, the turn is taken back out so the
-list stays one the API accepts.
+The same agent answers on Telegram and Feishu too. Each platform's message
+becomes one InboundMessage; a message bus hands it to a worker thread, which
+runs the turn in that chat's own session with a ChatReply as its `out`, and
+sends the reply back through the channel it came from. Only allow-listed or
+paired senders get through, and commands they ask for wait for the
+operator's approval at the terminal.
 
-New here: when `stop_reason` is "tool_use", run each requested tool, send the
-results back as `tool_result` blocks, and ask again, until the model stops
-asking. Tools are a list of JSON schemas the model reads (TOOLS) and a dict
-from name to Python function (TOOL_HANDLERS). Every path stays inside the
-workspace, and shell commands that could change something wait for approval.
-
-New here: every message is appended to a JSONL file as it happens, and
-replayed at start-up, so a conversation survives a restart. Before each turn a
-ContextGuard counts the prompt; past a threshold of the model's window it asks
-the model to summarize the older part, keeps the recent part, and records the
-result, so the context never overflows.
-
-New here: the same agent answers on Telegram and Feishu too. Each platform's
-message becomes one InboundMessage; a message bus hands it to a worker thread,
-which runs the turn in that chat's own session and sends the reply back
-through the channel it came from. Only allow-listed or paired senders get
-through, and commands they ask for wait for the operator's approval here.
+New here:
+  [s04] Output: who reads a turn — TerminalOutput, printable, log, print_in_background,
+      print_held_lines
+  [s04] Channels: every platform becomes one InboundMessage — InboundMessage, ChannelError,
+      split_message, open_fence, find_cut, Channel, TerminalChannel, allow_list
+  [s04] Telegram: long polling with python-telegram-bot — TelegramChannel
+  [s04] Feishu / Lark: a webhook in, HTTPS calls out — FeishuWebhook, WebhookServer,
+      FeishuChannel
+  [s04] Who may talk: allow lists and pairing — Pairing
+  [s04] Approvals for remote chats — ApprovalQueue, ChatReply
+  [s04] The bus: from channels to worker threads, and replies back — MessageBus
+  [s04] Commands: channels, pairing, approvals — show_channels, pair, show_approvals,
+      approve_request, deny_request, answer_request
+  [s01] The REPL: one table of commands — shut_down
+Changed here:
+  stream_reply — words go to `out`, the terminal or a chat's reply
+  print_usage — the usage line is a note on `out`
+  agent_turn — takes `out`: who reads this turn
+  compact_and_retry — passes `out` on
+  finish_turn — says its verdicts on `out`
+  run_tool_calls — notes and approvals go through `out`
+  SessionStore — maps each remote chat to its session (`keys`, for_key); a lock for the workers
+  check_index — checks the `keys` map too
+  ContextGuard — its notes go to the turn's `out`
+  Repl — holds the bus too
+  main — starts the channels and the bus, and stops them on the way out
+Carried from earlier:
+  [s01] Configuration · [s01] Errors, by type · [s01] The agent loop
+  [s02] Tools: where they may reach · [s02] Tools: the handlers · [s02] Exec approvals
+  [s02] Tools: what the model sees, and the dispatch table
+  [s03] Sessions: append on write, replay on read
+  [s03] Context: count, and summarize before it overflows · [s03] Commands: sessions and context
+  [s01] The REPL: one table of commands
 
 Run:  python sessions/en/s04_channels.py
 """
+from __future__ import annotations
+
 import asyncio
-import fnmatch
 import json
 import os
 import queue
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,8 +67,6 @@ from itertools import count
 from pathlib import Path
 
 import anthropic
-import httpx
-import telegram
 from dotenv import load_dotenv
 
 try:
@@ -56,9 +74,11 @@ try:
 except ImportError:
     pass
 
-# --- Configuration ---------------------------------------------------------
+
+# --- [s01] Configuration ------------------------------------------------------
 # .env sits at the repository root; variables already set in the environment win.
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
 SECTION = "s04 Channels"
@@ -68,88 +88,29 @@ BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
 MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
 SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
 WORKSPACE_DIR = Path(os.getenv("WORKSPACE_DIR") or REPO_ROOT / "workspace").resolve()
-STATE_DIR = WORKSPACE_DIR / ".state"
+# The gateway's own files (approvals, sessions, tokens...): never inside the workspace.
+STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
 BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
 MAX_TOOL_OUTPUT = 20_000    # characters of one tool result; the middle of longer output is cut
 AGENT_ID = "main"
-SESSIONS_DIR = STATE_DIR / "sessions" / AGENT_ID
-CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens Claude Sonnet 5.5 reads at once
-COMPACT_THRESHOLD = float(os.getenv("COMPACT_THRESHOLD") or "0.75")  # compact past this share of the window
-TELEGRAM_BOT_TOKEN = os.getenv("TELEGRAM_BOT_TOKEN") or ""
-TELEGRAM_API_BASE = (os.getenv("TELEGRAM_API_BASE") or "https://api.telegram.org").rstrip("/")
-FEISHU_APP_ID = os.getenv("FEISHU_APP_ID") or ""
-FEISHU_APP_SECRET = os.getenv("FEISHU_APP_SECRET") or ""
-FEISHU_VERIFICATION_TOKEN = os.getenv("FEISHU_VERIFICATION_TOKEN") or ""
-FEISHU_WEBHOOK_PORT = int(os.getenv("FEISHU_WEBHOOK_PORT") or "18790")
-FEISHU_DOMAIN = os.getenv("FEISHU_DOMAIN") or "feishu"  # "lark" for Lark, Feishu's international edition
-FEISHU_API_BASE = (os.getenv("FEISHU_API_BASE") or "").rstrip("/")
-TELEGRAM_ALLOW_FROM = {x.strip() for x in (os.getenv("TELEGRAM_ALLOW_FROM") or "").split(",") if x.strip()}
-FEISHU_ALLOW_FROM = {x.strip() for x in (os.getenv("FEISHU_ALLOW_FROM") or "").split(",") if x.strip()}
-APPROVAL_TIMEOUT = float(os.getenv("APPROVAL_TIMEOUT") or "120")  # seconds a remote command waits for the operator
-SYSTEM_PROMPT = ("You are a helpful assistant that people reach from a terminal or a chat app. Be concise. "
-                 f"You have tools to read and change files in your workspace ({WORKSPACE_DIR}) "
-                 "and to run shell commands there; paths are relative to it.")
+SESSIONS_ROOT = STATE_DIR / "sessions"  # one folder per agent: sessions/<agent id>/
+CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens the model reads at once
+COMPACT_THRESHOLD = float(os.getenv("COMPACT_THRESHOLD") or "0.75")  # compact past this share
+SYSTEM_PROMPT = ("You are a helpful assistant that people reach from a terminal or a chat app. "
+                 "Be concise. "
+                 "You have tools to read and change files in your workspace (a folder on this "
+                 "machine) and to run shell commands there; paths are relative to it.")
+
+# Where older versions kept state inside the workspace: moved to STATE_DIR at start-up.
+OLD_STATE_PLACES = [(WORKSPACE_DIR / ".state", STATE_DIR)]
 
 USE_COLOR = sys.stdout.isatty() and not os.getenv("NO_COLOR")
 
 
 def dim(text: str) -> str:
     return f"\033[2m{text}\033[0m" if USE_COLOR else text
-
-
-# --- Output: who reads what ---------------------------------------------------
-# A turn for the terminal prints as before. A turn for a remote chat runs on a
-# worker thread; its words go back to that chat and only a dim log line
-# reaches the terminal. Deep in a turn (in bash's approval check, say) the
-# code must know which case it is in: the worker records the turn's Reply in
-# this thread-local, and the main thread (the terminal) never sets it.
-turn_context = threading.local()
-console_lock = threading.Lock()
-at_prompt = threading.Event()  # set while the REPL waits for the person to type
-held_lines: list[str] = []     # background lines that arrived while a terminal turn was printing
-PROMPT = "You > "
-
-
-def say(text: str = "", end: str = "\n") -> None:
-    """Words for the person this turn answers: printed at the terminal, or
-    collected into the reply that goes back to a remote chat."""
-    reply = getattr(turn_context, "reply", None)
-    if reply is None:
-        print(text, end=end, flush=True)
-    else:
-        reply.parts.append(text + end)
-
-
-def note(text: str) -> None:
-    """A dim line for the operator at the terminal: tool calls, usage, warnings."""
-    if threading.current_thread() is threading.main_thread():
-        print(dim(text))
-        return
-    reply = getattr(turn_context, "reply", None)
-    print_in_background(dim(f"[{reply.message.session_key}] {text}" if reply else text))
-
-
-def print_in_background(line: str) -> None:
-    """Print a line from another thread without wrecking what the person types:
-    at the prompt, it goes above the prompt and the prompt is drawn again; while
-    a terminal turn is printing, it waits until that turn is done."""
-    with console_lock:
-        if not at_prompt.is_set():
-            held_lines.append(line)
-        elif sys.stdin.isatty() and "readline" in sys.modules:
-            sys.stdout.write(f"\r\033[K{line}\n{PROMPT}{readline.get_line_buffer()}")
-            sys.stdout.flush()
-        else:
-            print(line, flush=True)
-
-
-def print_held_lines() -> None:
-    with console_lock:
-        for line in held_lines:
-            print(line)
-        held_lines.clear()
 
 
 def make_client() -> anthropic.Anthropic:
@@ -163,7 +124,7 @@ def make_client() -> anthropic.Anthropic:
                                max_retries=SDK_MAX_RETRIES)
 
 
-# --- Errors, by type -------------------------------------------------------
+# --- [s01] Errors, by type ----------------------------------------------------
 def describe_api_error(exc: anthropic.APIError) -> str:
     """One readable line for a failed call, chosen by exception class and
     `error.type`, never by searching the message text."""
@@ -175,7 +136,8 @@ def describe_api_error(exc: anthropic.APIError) -> str:
         return f"API error: {exc}"
     kind = exc.type or ""  # `error.type` from the body; also set for errors sent mid-stream
     if isinstance(exc, anthropic.AuthenticationError) or kind == "authentication_error":
-        return "The API rejected the key (401). Check ANTHROPIC_API_KEY in .env."
+        where = "your shell's environment (it wins over .env)" if KEY_FROM_SHELL else ".env"
+        return f"The API rejected the key (401). Check ANTHROPIC_API_KEY in {where}."
     if isinstance(exc, anthropic.PermissionDeniedError) or kind == "permission_error":
         return "This key may not use that model or feature (403)."
     if isinstance(exc, anthropic.NotFoundError) or kind == "not_found_error":
@@ -185,12 +147,150 @@ def describe_api_error(exc: anthropic.APIError) -> str:
     if isinstance(exc, anthropic.OverloadedError) or kind == "overloaded_error":
         return "The API is overloaded (529): try again in a moment."
     if is_context_overflow(exc):
-        return "The conversation is too long for the model, even after compaction: /new starts a fresh one."
+        return ("The conversation is too long for the model, even after compaction: "
+                "/new starts a fresh one.")
     label = f"{exc.status_code} {kind}".strip()
     return f"API error ({label}): {exc.api_message or exc.message}"
 
 
-# --- Tools: where they may reach ---------------------------------------------
+# --- [s01] The agent loop -----------------------------------------------------
+def stream_reply(client: anthropic.Anthropic, messages: list,
+                 out: TerminalOutput) -> anthropic.types.Message:
+    """Send the conversation; pass text on as it arrives; return the whole message."""
+    with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
+                                tools=TOOLS, messages=messages) as stream:
+        for text in stream.text_stream:
+            out.say(text, end="")
+        return stream.get_final_message()
+
+
+def print_usage(message: anthropic.types.Message, out: TerminalOutput) -> None:
+    u = message.usage
+    cached = u.cache_read_input_tokens or 0
+    out.note(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
+             f" · stop {message.stop_reason}]")
+
+
+def assistant_content(message: anthropic.types.Message) -> list:
+    """The reply as history blocks: text and tool_use, never an empty text block."""
+    blocks = []
+    for block in message.content:
+        if block.type == "text" and block.text:
+            blocks.append({"type": "text", "text": block.text})
+        elif block.type == "tool_use":
+            blocks.append({"type": "tool_use", "id": block.id, "name": block.name,
+                           "input": block.input})
+    return blocks
+
+
+def as_blocks(content) -> list:
+    """Message content as a list of blocks (the API also accepts a plain string)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def add_user_text(messages: list, user_text: str) -> None:
+    """Append the person's words. After an interrupted tool exchange the history
+    already ends with a user message (the tool results): join it, so roles alternate."""
+    if messages and messages[-1]["role"] == "user":
+        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
+        messages[-1] = {"role": "user", "content": joined}
+    else:
+        messages.append({"role": "user", "content": user_text})
+
+
+def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
+               guard: ContextGuard | None = None, out: TerminalOutput | None = None) -> str | None:
+    """One turn: as many model calls as the tools need. Returns the reply text, or
+    None when the turn ended early (rolled back to the last consistent point).
+    The session is saved at every consistent point. `out` is who reads the turn:
+    the terminal, or a remote chat's reply (s04)."""
+    guard, out = guard or ContextGuard(client), out or TERMINAL
+    guard.check(session, user_text, out)
+    messages = session.messages
+    consistent = list(messages)  # the last point at which the history is whole
+    add_user_text(messages, user_text)
+    words_pending = True  # the person's words are not part of `consistent` yet
+    compacted_once = False
+    for _ in range(MAX_TOOL_ROUNDS):
+        try:
+            message = stream_reply(client, messages, out)
+        except anthropic.APIError as exc:
+            messages[:] = consistent  # roll back to the last consistent point
+            if is_context_overflow(exc) and not compacted_once:
+                compacted_once = True
+                if compact_and_retry(session, guard, consistent, user_text, words_pending, out):
+                    continue
+            out.say(f"\n{describe_api_error(exc)}")
+            return None
+        except KeyboardInterrupt:
+            messages[:] = consistent
+            print("\n(interrupted; that turn was dropped)")
+            return None
+        guard.observe(session, message.usage)  # the prompt's real size, for the next check
+        text = "".join(block.text for block in message.content if block.type == "text")
+        if text:
+            out.say()  # end the streamed line
+        print_usage(message, out)
+        reason = message.stop_reason
+        if reason == "model_context_window_exceeded" and not compacted_once:
+            compacted_once = True
+            if compact_and_retry(session, guard, consistent, user_text, words_pending, out):
+                continue
+        if reason == "tool_use":
+            results, interrupted = run_tool_calls(message.content, out)
+            # The call and its results join the history together: it is whole again.
+            messages.append({"role": "assistant", "content": assistant_content(message)})
+            messages.append({"role": "user", "content": results})
+            consistent = list(messages)
+            words_pending = False
+            session.save()
+            if interrupted:
+                print("(interrupted; what the tools did so far is kept in the history)")
+                return None
+            continue
+        reply = finish_turn(messages, consistent, message, text, out)
+        session.save()
+        return reply
+    out.say(f"(stopped after {MAX_TOOL_ROUNDS} model calls in one turn; "
+            "send a message to let it go on)")
+    return None
+
+
+def compact_and_retry(session: Session, guard: ContextGuard, consistent: list, user_text: str,
+                      words_pending: bool, out: TerminalOutput) -> bool:
+    """The API said the prompt is too long: compact the consistent history, put
+    the person's words back if they were not in it yet, and let the turn retry once."""
+    as_it_was = list(session.messages)
+    session.messages[:] = consistent
+    if not guard.compact(session, "the model's context window overflowed", out=out):
+        session.messages[:] = as_it_was  # no retry: the caller goes on from where it was
+        return False
+    consistent[:] = session.messages
+    if words_pending:
+        add_user_text(session.messages, user_text)
+    return True
+
+
+def finish_turn(messages: list, consistent: list, message: anthropic.types.Message,
+                text: str, out: TerminalOutput) -> str | None:
+    """Keep a final reply that has text and ended normally or was cut off; drop anything else."""
+    reason = message.stop_reason
+    if reason == "refusal":
+        out.say("(the model declined to answer; that turn was dropped)")
+    elif not text:
+        out.say(f"(empty reply, stop reason {reason}; that turn was dropped)")
+    else:
+        if reason == "max_tokens":
+            out.say(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
+        elif reason != "end_turn":
+            out.say(f"(stopped: {reason})")
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        return text
+    messages[:] = consistent  # an unusable reply: back to the last consistent point
+    return None
+
+
+# --- [s02] Tools: where they may reach ----------------------------------------
 class ToolError(Exception):
     """A failure the model should read and act on; sent back with is_error: true."""
 
@@ -209,9 +309,51 @@ def safe_path(raw: str) -> Path:
         raise ToolError(f"bad path {raw!r}: {exc}")
     if not path.is_relative_to(WORKSPACE_DIR):
         raise ToolError(f"{raw!r} is outside the workspace; use a path inside {WORKSPACE_DIR}")
-    if path.is_relative_to(STATE_DIR) or path.name == ".env":
-        raise ToolError(f"{raw!r} is private to the gateway (.state/ and .env are off limits)")
+    if path.name == ".env":
+        raise ToolError(f"{raw!r} is private: .env files hold secrets and are off limits")
     return path
+
+
+def prepare_folders() -> str | None:
+    """Create the workspace and the owner-only state folder, and move state an older run
+    left inside the workspace. Returns a sentence saying what to fix when they cannot be used."""
+    if STATE_DIR.is_relative_to(WORKSPACE_DIR) or WORKSPACE_DIR.is_relative_to(STATE_DIR):
+        return (f"STATE_DIR ({STATE_DIR}) and WORKSPACE_DIR ({WORKSPACE_DIR}) overlap, so the "
+                "tools could reach the gateway's state: set them to two separate folders.")
+    try:
+        WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        os.chmod(STATE_DIR, 0o700)
+        probe = STATE_DIR / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return (f"cannot use STATE_DIR {STATE_DIR} ({exc.strerror}): make it writable, "
+                "or set STATE_DIR to another folder.")
+    for old, new in OLD_STATE_PLACES:
+        move_old_state(old, new)
+    return None
+
+
+def move_old_state(old: Path, new: Path) -> None:
+    """State that an earlier version kept in the workspace moves out, once, with a line.
+    What already exists in the new place wins; the old copy is then left where it is."""
+    if not old.exists():
+        return
+    entries = list(old.iterdir()) if old.is_dir() else [old]
+    moved, kept = 0, 0
+    for entry in entries:
+        target = new / entry.name if old.is_dir() else new
+        if target.exists():
+            kept += 1
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(entry), str(target))
+        moved += 1
+    if old.is_dir() and not kept:
+        old.rmdir()
+    print(dim(f"[state] moved {moved} item(s) from {old} to {new}"
+              + (f"; {kept} left there because {new} already has them" if kept else "")))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -250,7 +392,7 @@ def read_text(path: Path, raw: str) -> str:
         raise ToolError(f"{raw} is not a UTF-8 text file")
 
 
-# --- Tools: the handlers -------------------------------------------------------
+# --- [s02] Tools: the handlers ------------------------------------------------
 def read_file(path: str) -> str:
     return truncate(read_text(safe_path(path), path))
 
@@ -270,7 +412,8 @@ def edit_file(path: str, old_text: str, new_text: str) -> str:
     if count == 0:
         raise ToolError(f"old_text not found in {path}; read the file and quote it exactly")
     if count > 1:
-        raise ToolError(f"old_text occurs {count} times in {path}; include more context so it is unique")
+        raise ToolError(f"old_text occurs {count} times in {path}; "
+                        "include more context so it is unique")
     write_atomic(target, text.replace(old_text, new_text, 1))
     return f"edited {path}: replaced 1 occurrence"
 
@@ -281,8 +424,8 @@ def list_dir(path: str = ".") -> str:
         raise ToolError(f"not a directory: {path}")
     lines = []
     for entry in sorted(target.iterdir()):
-        if entry.name in (".state", ".env"):
-            continue  # private to the gateway; not even their names are shown
+        if entry.name == ".env":
+            continue  # secrets: not even the name is shown
         if entry.is_dir():
             lines.append(f"{entry.name}/")
         else:
@@ -290,7 +433,7 @@ def list_dir(path: str = ".") -> str:
     return "\n".join(lines) or "(empty)"
 
 
-# --- Exec approvals ------------------------------------------------------------
+# --- [s02] Exec approvals -----------------------------------------------------
 APPROVALS_FILE = STATE_DIR / "exec-approvals.json"
 APPROVAL_PROMPT = "  Allow? [o]nce / [a]lways / [d]eny > "
 # Commands that only read. They run without asking, but only in their plain
@@ -348,13 +491,13 @@ def is_read_only(command: str) -> bool:
     return True
 
 
-def load_approvals() -> list[str]:
-    """The stored "always" patterns. A file that cannot be read is moved aside, not lost."""
+def load_approvals() -> list[dict]:
+    """The stored "always" answers. A file that cannot be read is moved aside, not lost."""
     if not APPROVALS_FILE.exists():
         return []
     try:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
-        return [str(p) for p in data["always"]]
+        return [{"command": str(a["command"]), "scope": str(a["scope"])} for a in data["always"]]
     except (ValueError, KeyError, TypeError) as exc:
         aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{int(time.time())}.json")
         APPROVALS_FILE.replace(aside)
@@ -362,54 +505,50 @@ def load_approvals() -> list[str]:
         return []
 
 
-def save_approval(pattern: str) -> None:
-    patterns = load_approvals()
-    if pattern not in patterns:
-        patterns.append(pattern)
-    write_atomic(APPROVALS_FILE, json.dumps({"version": 1, "always": patterns}, indent=2) + "\n")
+def is_always_approved(command: str, scope: str) -> bool:
+    return {"command": command, "scope": scope} in load_approvals()
 
 
-def approval_pattern(command: str) -> str:
-    """The glob stored for "always": the program and its first argument, then *.
-    "git status -s" -> "git status*"; "mkdir -p out" -> "mkdir -p*"."""
-    return " ".join(command.split()[:2]) + "*"
+def remember_always(command: str, scope: str) -> None:
+    entries = load_approvals()
+    if {"command": command, "scope": scope} not in entries:
+        entries.append({"command": command, "scope": scope})
+    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries}, indent=2) + "\n")
 
 
 def ask_person(command: str) -> str:
-    """Ask at the terminal. Anything but o or a (including Ctrl-D) is a deny."""
+    """Ask at the terminal: "once", "always" or "deny" (Ctrl-D is a deny)."""
     print(f"  The model wants to run: {command}")
-    print(f"  (always would allow every command matching {approval_pattern(command)!r})")
     try:
         answer = input(APPROVAL_PROMPT).strip().lower()
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         print()
         return "deny"
     return {"o": "once", "once": "once", "a": "always", "always": "always"}.get(answer, "deny")
 
 
-def check_command(command: str) -> None:
-    """Raise ToolError unless this command may run now."""
+def check_command(command: str, approve) -> None:
+    """Raise ToolError unless this command may run now. `approve(command)` decides
+    what is neither refused nor read-only: it returns, or raises ToolError."""
     reason = dangerous_reason(command)
     if reason:
         raise ToolError(f"refused: this command {reason}. It is never run, even with approval.")
     if is_read_only(command):
         return
-    # A stored pattern never covers shell operators: "git status*" must not let
-    # "git status; rm -r notes" through.
-    if not SHELL_OPERATORS.search(command) and any(fnmatch.fnmatchcase(command, p) for p in load_approvals()):
+    approve(command)
+
+
+def approve_at_terminal(command: str) -> None:
+    """The person at the terminal decides: a stored "always", or the prompt."""
+    if is_always_approved(command, "terminal"):
         return
-    # Asked for from a remote chat: the operator answers at the terminal (ApprovalQueue, below).
-    reply = getattr(turn_context, "reply", None)
-    answer = ask_person(command) if reply is None else APPROVALS.ask(command, reply)
+    answer = ask_person(command)
     if answer == "always":
-        pattern = approval_pattern(command)
-        save_approval(pattern)
-        note(f"  (stored {pattern!r} in {APPROVALS_FILE.name})")
+        remember_always(command, "terminal")
+        print(dim(f"  (stored in {APPROVALS_FILE.name}: this exact command runs without asking)"))
     elif answer == "deny":
-        raise ToolError("the person denied this command. Do not retry it; ask them what they want instead.")
-    elif answer == "timeout":
-        raise ToolError(f"nobody approved this command within {APPROVAL_TIMEOUT:g} s, so it did not run. "
-                        "Do not retry it now.")
+        raise ToolError("the person denied this command. Do not retry it; "
+                        "ask them what they want instead.")
 
 
 def child_environment() -> dict:
@@ -419,7 +558,7 @@ def child_environment() -> dict:
 
 
 def bash(command: str, timeout: float | None = None) -> str:
-    check_command(command)
+    """Run a command that check_command has let through (run_tool makes sure of that)."""
     limit = min(float(timeout or BASH_TIMEOUT), BASH_MAX_TIMEOUT)
     # A new session makes the command the leader of its own process group, so
     # on timeout one killpg() stops it and every child it started.
@@ -445,14 +584,14 @@ def bash(command: str, timeout: float | None = None) -> str:
     return truncate(f"{status}\n{text}" if text else status)
 
 
-# --- Tools: what the model sees, and the dispatch table ------------------------
+# --- [s02] Tools: what the model sees, and the dispatch table -----------------
 TOOLS = [
-    {"name": "bash", "description": "Run a shell command in the workspace and return its exit code and output. "
-     "Commands that change things wait for the person's approval.",
+    {"name": "bash", "description": "Run a shell command in the workspace and return its exit "
+     "code and output. Commands that change things wait for the person's approval.",
      "input_schema": {"type": "object", "properties": {
          "command": {"type": "string", "description": "The command line, run with bash -c."},
-         "timeout": {"type": "number", "description": f"Seconds before it is killed (default {BASH_TIMEOUT:g}, "
-                     f"at most {BASH_MAX_TIMEOUT})."}},
+         "timeout": {"type": "number", "description": "Seconds before it is killed (default "
+                     f"{BASH_TIMEOUT:g}, at most {BASH_MAX_TIMEOUT})."}},
          "required": ["command"]}},
     {"name": "read_file", "description": "Read a UTF-8 text file in the workspace.",
      "input_schema": {"type": "object", "properties": {
@@ -466,17 +605,20 @@ TOOLS = [
     {"name": "edit_file", "description": "Replace one exact, unique piece of text in a file.",
      "input_schema": {"type": "object", "properties": {
          "path": {"type": "string", "description": "Path relative to the workspace."},
-         "old_text": {"type": "string", "description": "Text that occurs exactly once in the file."},
+         "old_text": {"type": "string",
+                      "description": "Text that occurs exactly once in the file."},
          "new_text": {"type": "string", "description": "What replaces it."}},
          "required": ["path", "old_text", "new_text"]}},
     {"name": "list_dir", "description": "List a folder of the workspace.",
      "input_schema": {"type": "object", "properties": {
-         "path": {"type": "string", "description": "Folder relative to the workspace (default: the root)."}},
+         "path": {"type": "string",
+                  "description": "Folder relative to the workspace (default: the root)."}},
          "required": []}},
 ]
-TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file, "edit_file": edit_file,
-                 "list_dir": list_dir}
-JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "object": dict}
+TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file,
+                 "edit_file": edit_file, "list_dir": list_dir}
+JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool,
+              "object": dict}
 
 
 def check_arguments(name: str, tool_input: dict) -> None:
@@ -491,16 +633,20 @@ def check_arguments(name: str, tool_input: dict) -> None:
                         f"it takes {list(schema['properties'])}")
     for key, value in tool_input.items():
         expected = schema["properties"][key]["type"]
-        if not isinstance(value, JSON_TYPES[expected]) or (expected == "number" and isinstance(value, bool)):
+        is_bool = isinstance(value, bool) and expected != "boolean"  # True is an int to Python
+        if not isinstance(value, JSON_TYPES[expected]) or is_bool:
             raise ToolError(f"{name}: {key} must be a {expected}")
 
 
-def run_tool(name: str, tool_input: dict) -> tuple[str, bool]:
-    """Run one tool call. Returns (content, is_error); never raises for a tool's failure."""
+def run_tool(name: str, tool_input: dict, approve=approve_at_terminal) -> tuple[str, bool]:
+    """Run one tool call. Returns (content, is_error); never raises for a tool's failure.
+    A shell command passes the approval gate first; `approve` is who decides."""
     if name not in TOOL_HANDLERS:
         return f"unknown tool {name!r}; the tools are {', '.join(TOOL_HANDLERS)}", True
     try:
         check_arguments(name, tool_input)
+        if name == "bash":
+            check_command(tool_input["command"], approve)
         return TOOL_HANDLERS[name](**tool_input), False
     except ToolError as exc:
         return str(exc), True
@@ -516,7 +662,7 @@ def preview(text: str) -> str:
     return first + (f"  (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
 
 
-def run_tool_calls(content: list) -> tuple[list, bool]:
+def run_tool_calls(content: list, out: TerminalOutput) -> tuple[list, bool]:
     """Answer every tool_use block with a tool_result, in order.
 
     Ctrl-C stops the tool that is running and skips the rest, but each call
@@ -531,21 +677,41 @@ def run_tool_calls(content: list) -> tuple[list, bool]:
             text, is_error = "not run: the person interrupted the turn", True
         else:
             args = json.dumps(block.input, ensure_ascii=False)
-            note(f"  → {block.name} {args if len(args) <= 100 else args[:97] + '...'}")
+            out.note(f"  → {block.name} {args if len(args) <= 100 else args[:97] + '...'}")
             try:
-                text, is_error = run_tool(block.name, block.input)
+                text, is_error = run_tool(block.name, block.input, out.approve)
             except KeyboardInterrupt:
                 text, is_error, interrupted = "interrupted by the person", True, True
-            note(f"  {'✗' if is_error else '←'} {preview(text)}")
-        results.append({"type": "tool_result", "tool_use_id": block.id, "content": text or "(no output)",
-                        "is_error": is_error})
+            out.note(f"  {'✗' if is_error else '←'} {preview(text)}")
+        results.append({"type": "tool_result", "tool_use_id": block.id,
+                        "content": text or "(no output)", "is_error": is_error})
     return results, interrupted
 
 
-# --- Sessions: append on write, replay on read ---------------------------------
-def is_valid_message(message) -> bool:
-    return (isinstance(message, dict) and message.get("role") in ("user", "assistant")
-            and isinstance(message.get("content"), (str, list)) and bool(message["content"]))
+# --- [s03] Sessions: append on write, replay on read --------------------------
+BLOCK_FIELDS = {"text": {"text": str}, "tool_use": {"id": str, "name": str, "input": dict},
+                "tool_result": {"tool_use_id": str}}  # the block types a session holds
+
+
+def is_valid_block(block) -> bool:
+    fields = BLOCK_FIELDS.get(block.get("type")) if isinstance(block, dict) else None
+    return fields is not None and all(isinstance(block.get(k), t) for k, t in fields.items())
+
+
+def clean_message(message) -> dict | None:
+    """A message from disk as the API will accept it, or None. Blocks of an unknown or
+    broken shape (a hand-edited file, a bug) are dropped, not sent."""
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+        return None
+    content = message.get("content")
+    if isinstance(content, str):
+        return message if content else None
+    if not isinstance(content, list):
+        return None
+    blocks = [b for b in content if is_valid_block(b)]
+    if not blocks:
+        return None
+    return message if len(blocks) == len(content) else {"role": message["role"], "content": blocks}
 
 
 def add_message(messages: list, message: dict) -> None:
@@ -571,19 +737,22 @@ def repair_history(messages: list) -> tuple[list, list]:
     """
     notes, fixed = [], []
     for message in messages:
-        blocks = [b for b in as_blocks(message["content"]) if b.get("type") != "text" or b.get("text")]
+        blocks = [b for b in as_blocks(message["content"])
+                  if b.get("type") != "text" or b.get("text")]
         if message["role"] == "user":
             previous = fixed[-1] if fixed and fixed[-1]["role"] == "assistant" else None
             expected = set(tool_use_ids(previous)) if previous else set()
-            orphans = [b for b in blocks if b.get("type") == "tool_result" and b.get("tool_use_id") not in expected]
+            orphans = [b for b in blocks if b.get("type") == "tool_result"
+                       and b.get("tool_use_id") not in expected]
             if orphans:
-                notes.append(f"dropped {len(orphans)} tool result(s) whose call was lost")
+                notes.append(f"dropped {plural(len(orphans), 'tool result')} whose call was lost")
                 blocks = [b for b in blocks if b not in orphans]
         if not blocks or (not fixed and message["role"] == "assistant"):
             continue
         content = message["content"] if blocks == as_blocks(message["content"]) else blocks
         if fixed and fixed[-1]["role"] == message["role"]:
-            fixed[-1] = {"role": message["role"], "content": as_blocks(fixed[-1]["content"]) + blocks}
+            joined = as_blocks(fixed[-1]["content"]) + blocks
+            fixed[-1] = {"role": message["role"], "content": joined}
         else:
             fixed.append({"role": message["role"], "content": content})
     for i, message in enumerate(fixed):
@@ -595,21 +764,37 @@ def repair_history(messages: list) -> tuple[list, list]:
         answered = {b.get("tool_use_id") for b in answer if b.get("type") == "tool_result"}
         missing = [tid for tid in tool_use_ids(message) if tid not in answered]
         if missing:
-            notes.append(f"answered {len(missing)} tool call(s) that had no result")
+            notes.append(f"answered {plural(len(missing), 'tool call')} that had no result")
             filler = [{"type": "tool_result", "tool_use_id": tid, "is_error": True,
-                       "content": "no result: the gateway stopped before this tool finished"} for tid in missing]
+                       "content": "no result: the gateway stopped before this tool finished"}
+                      for tid in missing]
             fixed[i + 1] = {"role": "user", "content": filler + answer}
     return fixed, notes
 
 
-class Session:
-    """One conversation: its id, its messages, and the store that keeps them."""
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
-    def __init__(self, store: "SessionStore", session_id: str, messages: list):
+
+class Session:
+    """One conversation: its id, its messages, and how much of them is on disk.
+
+    `saved` messages are in the file; of the last of them, `saved_blocks` blocks.
+    Saving appends what is past that point, so a save costs what is new, never
+    a pass over the whole history."""
+
+    def __init__(self, store: SessionStore, session_id: str, messages: list):
         self.store, self.id, self.messages = store, session_id, messages
+        self.mark_saved()
+        self.prompt_tokens = None  # the prompt's size as the last API call reported it
+        self.counted = 0           # how many messages that prompt held
+
+    def mark_saved(self) -> None:
+        self.saved = len(self.messages)
+        self.saved_blocks = as_blocks(self.messages[-1]["content"]) if self.messages else []
 
     def save(self) -> None:
-        self.store.sync(self)
+        self.store.append_new(self)
 
     def replace(self, messages: list, reason: str) -> None:
         """Swap in a rewritten history (a compaction) and record it as a snapshot."""
@@ -623,41 +808,43 @@ class SessionStore:
     Each line is one record: {"type": "message", "message": {...}} appends a
     message; {"type": "snapshot", "messages": [...]} replaces the history so far
     (written by a compaction). Replaying the lines in order rebuilds the list.
-    The index also maps each remote chat's key to its session ("keys").
+    The index (sessions.json) holds labels and which session is current; it is
+    written when one of those changes, not on every turn. It also maps each
+    remote chat to its session ("keys").
     """
 
     def __init__(self, root: Path):
         self.root = root
         self.index_path = root / "sessions.json"
-        self.saved: dict[str, list] = {}  # session id -> the messages as last written
         self.by_key: dict[str, Session] = {}  # remote chats' sessions, open in memory
         self.lock = threading.RLock()  # worker threads and the terminal share the index
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.index = self.load_index()
 
     def load_index(self) -> dict:
-        """The index, or one rebuilt from the session files if it is missing or unreadable."""
+        """The index, or one rebuilt from the session files if it is missing or unreadable.
+        Fields it does not know (a later section's) are kept as they are."""
         try:
             index = json.loads(self.index_path.read_text(encoding="utf-8"))
-            if isinstance(index.get("sessions"), dict):
-                return index
-            raise ValueError("no 'sessions' object")
+            check_index(index)
         except FileNotFoundError:
             index = {"current": None, "sessions": {}}
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, TypeError) as exc:
             aside = self.index_path.with_name(f"sessions.corrupt-{int(time.time())}.json")
             self.index_path.replace(aside)
-            print(dim(f"[sessions] {self.index_path} is not valid ({exc}); moved it to {aside.name}, rebuilding"))
+            log(f"[sessions] {self.index_path} is not valid ({exc}); "
+                f"moved it to {aside.name} and rebuilt it from the session files")
             index = {"current": None, "sessions": {}}
-        index.setdefault("keys", {})
         for path in sorted(self.root.glob("*.jsonl")):  # files the index does not know yet
-            index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso(), "updated": now_iso(),
-                                                     "messages": None})
+            index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso()})
+        if "keys" not in index:  # an index written by s03, which had no remote chats
+            index["keys"] = {}
         return index
 
     def write_index(self) -> None:
         with self.lock:
-            write_atomic(self.index_path, json.dumps(self.index, indent=2, ensure_ascii=False) + "\n")
+            text = json.dumps(self.index, indent=2, ensure_ascii=False) + "\n"
+            write_atomic(self.index_path, text)
 
     def path(self, session_id: str) -> Path:
         return self.root / f"{session_id}.jsonl"
@@ -665,14 +852,12 @@ class SessionStore:
     def create(self, label: str | None = None, key: str | None = None) -> Session:
         session_id = self.new_file()
         with self.lock:
-            self.index["sessions"][session_id] = {"label": label, "created": now_iso(), "updated": now_iso(),
-                                                  "messages": 0}
+            self.index["sessions"][session_id] = {"label": label, "created": now_iso()}
             if key is None:
                 self.index["current"] = session_id  # the terminal resumes this one next time
             else:
                 self.index["keys"][key] = session_id
             self.write_index()
-        self.saved[session_id] = []
         return Session(self, session_id, [])
 
     def for_key(self, key: str, fresh: bool = False) -> Session:
@@ -686,7 +871,6 @@ class SessionStore:
                 session = self.create(key, key=key)
             else:
                 session = Session(self, session_id, self.replay(session_id))
-                self.remember(session_id, session.messages)
             self.by_key[key] = session
             return session
 
@@ -696,17 +880,16 @@ class SessionStore:
         while True:
             session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
             try:
-                self.path(session_id).touch(exist_ok=False)
+                os.close(os.open(self.path(session_id), os.O_CREAT | os.O_EXCL, 0o600))
                 return session_id
             except FileExistsError:
                 continue  # taken: draw again
 
     def open(self, session_id: str) -> Session:
-        messages = self.replay(session_id)
-        self.remember(session_id, messages)
+        session = Session(self, session_id, self.replay(session_id))
         self.index["current"] = session_id
         self.write_index()
-        return Session(self, session_id, messages)
+        return session
 
     def resume(self) -> Session:
         """The session used last, or a new one."""
@@ -725,93 +908,114 @@ class SessionStore:
                     record = json.loads(line)
                     kind = record["type"]
                 except (ValueError, KeyError, TypeError):
-                    note(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line")
+                    log(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line")
                     continue
-                if kind == "message" and is_valid_message(record.get("message")):
-                    add_message(messages, record["message"])
+                message = clean_message(record.get("message")) if kind == "message" else None
+                if message:
+                    add_message(messages, message)
                 elif kind == "snapshot" and isinstance(record.get("messages"), list):
-                    messages = [m for m in record["messages"] if is_valid_message(m)]
+                    messages = [m for m in map(clean_message, record["messages"]) if m]
                 else:
-                    note(f"[sessions] {path.name}:{number}: skipped a record of unknown shape")
+                    log(f"[sessions] {path.name}:{number}: skipped a record of unknown shape")
         messages, notes = repair_history(messages)
         for problem in notes:
-            note(f"[sessions] {path.name}: {problem}")
+            log(f"[sessions] {path.name}: {problem}")
         return messages
 
     def append(self, session_id: str, records: list) -> None:
-        """Append records, one JSON object a line, and fsync: a crash can tear only the last line."""
+        """Append records, one JSON object a line, and fsync: a crash tears at most the last."""
         path = self.path(session_id)
-        torn = False
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-        with open(path, "ab") as f:
-            if torn:
-                f.write(b"\n")  # end a torn line, so it cannot swallow the next record
-            for record in records:
-                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # end a torn line, so it cannot swallow this record
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    def sync(self, session: Session) -> None:
-        """Append what is new since the last write. Messages are only ever added at
-        the end, except that the open user message may grow; its new blocks are
-        written as one more user line, which replay joins back on."""
-        saved, messages = self.saved.get(session.id, []), session.messages
-        n = len(saved)
-        appendable = len(messages) >= n and (n == 0 or messages[:n - 1] == saved[:n - 1])
+    def append_new(self, session: Session) -> None:
+        """Append what is new since the last save. Messages are only ever added at the
+        end, except that the open user message may grow; its new blocks are written as
+        one more user line, which replay joins back on. Anything else is a rewrite,
+        recorded as a snapshot."""
+        messages, n = session.messages, session.saved
         records = []
-        if appendable and n and messages[n - 1] != saved[n - 1]:
-            old, new = as_blocks(saved[n - 1]["content"]), as_blocks(messages[n - 1]["content"])
-            appendable = messages[n - 1]["role"] == "user" and new[:len(old)] == old
-            records.append({"type": "message", "ts": now_iso(), "message": {"role": "user", "content": new[len(old):]}})
-        if not appendable:
-            return self.write_snapshot(session, "rewrite")  # not an append: record the whole list
+        if n > len(messages):
+            return self.write_snapshot(session, "rewrite")
+        if n:
+            old, now = session.saved_blocks, as_blocks(messages[n - 1]["content"])
+            if now != old:
+                if messages[n - 1]["role"] != "user" or now[:len(old)] != old:
+                    return self.write_snapshot(session, "rewrite")
+                grown = {"role": "user", "content": now[len(old):]}
+                records.append({"type": "message", "ts": now_iso(), "message": grown})
         records += [{"type": "message", "ts": now_iso(), "message": m} for m in messages[n:]]
         if records:
             self.append(session.id, records)
-            self.remember(session.id, messages)
-            self.touch(session)
-
-    def remember(self, session_id: str, messages: list) -> None:
-        """Keep a deep copy of what is on disk now, so sync() can tell what is new."""
-        self.saved[session_id] = json.loads(json.dumps(messages))
+            session.mark_saved()
 
     def write_snapshot(self, session: Session, reason: str) -> None:
         self.append(session.id, [{"type": "snapshot", "ts": now_iso(), "reason": reason,
                                   "messages": session.messages}])
-        self.remember(session.id, session.messages)
-        self.touch(session)
-
-    def touch(self, session: Session) -> None:
-        with self.lock:
-            entry = self.index["sessions"].setdefault(session.id, {"label": None, "created": now_iso()})
-            entry.update(updated=now_iso(), messages=len(session.messages))
-            self.write_index()
+        session.mark_saved()
 
     def find(self, query: str) -> list[str]:
         """Session ids matching an id, an id prefix, or a label prefix (any case).
         A remote chat's current session is left out: that chat is still using it."""
         q, remote = query.lower(), set(self.index["keys"].values())
         return [sid for sid, entry in self.index["sessions"].items() if sid not in remote and
-                (sid == query or sid.startswith(query) or (entry.get("label") or "").lower().startswith(q))]
+                (sid == query or sid.startswith(query)
+                 or (entry.get("label") or "").lower().startswith(q))]
+
+    def listing(self) -> list[tuple[str, dict, float]]:
+        """(id, index entry, last change) of every session, newest first. The time comes
+        from the file, which every save touches, so the index need not be rewritten for it."""
+        rows = []
+        for sid, entry in self.index["sessions"].items():
+            try:
+                rows.append((sid, entry, self.path(sid).stat().st_mtime))
+            except OSError:
+                continue  # its file is gone: nothing to list
+        return sorted(rows, key=lambda row: row[2], reverse=True)
+
+
+def check_index(index) -> None:
+    """Raise ValueError when sessions.json does not have the shape this section reads."""
+    if not isinstance(index, dict) or not isinstance(index.get("sessions"), dict):
+        raise ValueError("no 'sessions' object")
+    if not isinstance(index.get("current"), (str, type(None))):
+        raise ValueError("'current' must be a session id or null")
+    if not all(isinstance(e, dict) for e in index["sessions"].values()):
+        raise ValueError("every session entry must be an object")
+    keys = index.get("keys", {})
+    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+        raise ValueError("'keys' must map chats to session ids")
 
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-# --- Context: count, and summarize before it overflows --------------------------
-SUMMARY_PREFIX = "[Summary of the earlier part of this conversation, written when it was compacted]"
-SUMMARY_PROMPT = ("You summarize conversations between a person and an assistant with tools. Keep every fact, "
-                  "decision, file name, open task and preference that later turns may need. Be brief.")
+# --- [s03] Context: count, and summarize before it overflows ------------------
+SUMMARY_PREFIX = ("[Summary of the earlier part of this conversation, "
+                  "written when it was compacted]")
+SUMMARY_PROMPT = ("You summarize conversations between a person and an assistant with tools. "
+                  "Keep every fact, decision, file name, open task and preference that later "
+                  "turns may need. Be brief.")
+KEEP_EXCHANGES = 4  # /compact keeps this many of the person's last messages and what followed
+COUNT_MARGIN = 0.9  # past this share of the limit, the estimate is checked with count_tokens
+
+
+def characters(value) -> int:
+    return len(json.dumps(value, ensure_ascii=False))
 
 
 def estimate_tokens(messages: list) -> int:
     """A rough count when the API cannot count: about three characters a token, erring high."""
-    characters = len(json.dumps(messages, ensure_ascii=False)) + len(SYSTEM_PROMPT) + len(json.dumps(TOOLS))
-    return characters // 3
+    return (characters(messages) + len(SYSTEM_PROMPT) + characters(TOOLS)) // 3
 
 
 def is_context_overflow(exc: anthropic.APIError) -> bool:
@@ -836,11 +1040,26 @@ def render_for_summary(messages: list) -> str:
     return truncate("\n".join(lines), limit=CONTEXT_WINDOW * 2)
 
 
+def turn_starts(messages: list) -> list[int]:
+    """Where the person's turns begin: user messages with words and no tool results.
+    Cutting there never separates a tool_use from its tool_result."""
+    starts = []
+    for i, message in enumerate(messages):
+        blocks = as_blocks(message["content"]) if message["role"] == "user" else []
+        if any(b.get("type") == "text" for b in blocks) and \
+                not any(b.get("type") == "tool_result" for b in blocks):
+            starts.append(i)
+    return starts
+
+
 class ContextGuard:
     """Keeps the prompt below COMPACT_THRESHOLD of the model's window.
 
-    Counting uses the API's count_tokens endpoint; a local server without it
-    gets a character estimate instead (once it answers 404, it is not asked again).
+    Before a turn it estimates the prompt from what the last API call reported
+    (its `usage`) plus the characters added since: no request of its own. Only
+    when that estimate comes near the limit does it ask count_tokens for the
+    real number; a local server without that endpoint gets a character
+    estimate instead (once it answers 404, it is not asked again).
     """
 
     def __init__(self, client: anthropic.Anthropic):
@@ -854,8 +1073,8 @@ class ContextGuard:
     def count(self, messages: list) -> tuple[int, str]:
         if self.can_count:
             try:
-                counted = self.client.messages.count_tokens(model=MODEL_ID, system=SYSTEM_PROMPT, tools=TOOLS,
-                                                            messages=messages)
+                counted = self.client.messages.count_tokens(
+                    model=MODEL_ID, system=SYSTEM_PROMPT, tools=TOOLS, messages=messages)
                 return counted.input_tokens, "counted by the API"
             except anthropic.APIStatusError as exc:
                 if exc.status_code in (404, 405, 501):
@@ -864,184 +1083,192 @@ class ContextGuard:
                 pass
         return estimate_tokens(messages), "estimated from characters"
 
-    def check(self, session: Session, user_text: str) -> None:
+    def observe(self, session: Session, usage) -> None:
+        """After a call: remember how big the prompt was, and how many messages it held."""
+        session.prompt_tokens = (usage.input_tokens + (usage.cache_read_input_tokens or 0)
+                                 + (usage.cache_creation_input_tokens or 0))
+        session.counted = len(session.messages)
+
+    def estimate(self, session: Session, user_text: str) -> int:
+        """The next prompt's size: the last reported one plus what was added since, or,
+        for a session no call has seen yet, a character estimate of all of it."""
+        if session.prompt_tokens is None or session.counted > len(session.messages):
+            session.prompt_tokens, session.counted = estimate_tokens(session.messages), len(
+                session.messages)
+        added = characters(session.messages[session.counted:]) + len(user_text)
+        return session.prompt_tokens + added // 3
+
+    def check(self, session: Session, user_text: str, out: TerminalOutput) -> None:
         """Before a turn: compact if the prompt, with the new words, would pass the limit."""
-        probe = list(session.messages)
-        add_user_text(probe, user_text)
-        tokens, _ = self.count(probe)
+        tokens = self.estimate(session, user_text)
+        if tokens > self.limit * COUNT_MARGIN:  # close: worth one request for the real number
+            probe = list(session.messages)
+            add_user_text(probe, user_text)
+            tokens, _ = self.count(probe)
         if tokens > self.limit:
-            self.compact(session, f"{tokens} tokens is over the limit of {self.limit}")
+            self.compact(session, f"{tokens:,} tokens is over the limit of {self.limit:,}",
+                         out=out)
 
-    def cut_point(self, messages: list) -> int | None:
-        """Where the recent part starts: at an assistant message, so a tool_use and
-        its tool_result always land on the same side. The recent part keeps up to
-        a quarter of the limit; at least the last assistant message is kept."""
-        candidates = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
-        for i in candidates:
-            if estimate_tokens(messages[i:]) <= self.limit // 4:
-                return i
-        return candidates[-1] if candidates else None
+    def cut_point(self, messages: list, keep_exchanges: int | None = None) -> int | None:
+        """Where the kept part starts: at the start of one of the person's turns. Asked
+        for by name (/compact): keep the last `keep_exchanges` turns. Automatic: keep
+        as many recent turns as fit in a quarter of the limit, at least the last one."""
+        starts = [i for i in turn_starts(messages) if i > 0]
+        if keep_exchanges is not None:
+            return starts[-keep_exchanges] if len(starts) >= keep_exchanges else None
+        sizes = [characters(m) for m in messages]
+        kept, budget = len(messages), self.limit // 4 * 3  # in characters, about 3 a token
+        for i in reversed(starts):
+            if sum(sizes[i:kept]) > budget:
+                break
+            budget -= sum(sizes[i:kept])
+            kept = i
+        return kept if kept < len(messages) else (starts[-1] if starts else None)
 
-    def compact(self, session: Session, why: str) -> bool:
+    def compact(self, session: Session, why: str, keep_exchanges: int | None = None,
+                out: TerminalOutput | None = None) -> bool:
         """Summarize the older part with the model, keep the recent part, record a snapshot."""
+        out = out or TERMINAL
         messages = session.messages
-        cut = self.cut_point(messages)
+        cut = self.cut_point(messages, keep_exchanges)
         if cut is None:
-            note("[context] nothing to compact yet")
+            kept = f" (it keeps your last {keep_exchanges} messages)" if keep_exchanges else ""
+            out.note(f"[context] nothing to compact yet{kept}")
             return False
-        note(f"[context] compacting ({why}): summarizing {cut} older messages")
+        out.note(f"[context] compacting ({why}): summarizing {plural(cut, 'older message')}")
         try:
-            reply = self.client.messages.create(model=MODEL_ID, max_tokens=2048, system=SUMMARY_PROMPT,
-                                                messages=[{"role": "user", "content": render_for_summary(
-                                                    messages[:cut])}])
+            reply = self.client.messages.create(
+                model=MODEL_ID, max_tokens=2048, system=SUMMARY_PROMPT,
+                messages=[{"role": "user", "content": render_for_summary(messages[:cut])}])
         except anthropic.APIError as exc:
-            say(f"Compaction failed: {describe_api_error(exc)}")
+            out.say(f"Compaction failed: {describe_api_error(exc)}")
             return False
         except KeyboardInterrupt:
             print("\n(compaction interrupted; the session is as it was)")
             return False
         summary = "".join(b.text for b in reply.content if b.type == "text").strip()
         if not summary:
-            say("Compaction failed: the model returned an empty summary.")
+            out.say("Compaction failed: the model returned an empty summary.")
             return False
         before = len(messages)
-        session.replace([{"role": "user", "content": f"{SUMMARY_PREFIX}\n{summary}"}] + messages[cut:], "compaction")
-        note(f"[context] compacted: {before} messages -> {len(session.messages)}")
+        # The summary opens the first kept turn, so the history still starts with the person.
+        first = [{"type": "text", "text": f"{SUMMARY_PREFIX}\n{summary}"}]
+        first += as_blocks(messages[cut]["content"])
+        session.replace([{"role": "user", "content": first}] + messages[cut + 1:], "compaction")
+        session.prompt_tokens = None  # the next check estimates the new, shorter history
+        out.note(f"[context] compacted: {before} messages -> {len(session.messages)}")
         return True
 
 
-# --- The agent loop --------------------------------------------------------
-def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
-    """Send the conversation; print text as it arrives; return the whole message."""
-    with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
-                                tools=TOOLS, messages=messages) as stream:
-        for text in stream.text_stream:
-            say(text, end="")
-        return stream.get_final_message()
+# --- [s03] Commands: sessions and context -------------------------------------
+def session_line(session: Session, how: str) -> str:
+    label = session.store.index["sessions"].get(session.id, {}).get("label")
+    return (f"Session {session.id}{f' ({label})' if label else ''}: {how}, "
+            f"{plural(len(session.messages), 'message')}")
 
 
-def print_usage(message: anthropic.types.Message) -> None:
-    u = message.usage
-    cached = u.cache_read_input_tokens or 0
-    note(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
-         f" · stop {message.stop_reason}]")
+def new_session(repl: Repl, arg: str) -> None:
+    repl.session = repl.session.store.create(arg or None)
+    print(session_line(repl.session, "new"))
 
 
-def assistant_content(message: anthropic.types.Message) -> list:
-    """The reply as history blocks: text and tool_use, never an empty text block."""
-    blocks = []
-    for block in message.content:
-        if block.type == "text" and block.text:
-            blocks.append({"type": "text", "text": block.text})
-        elif block.type == "tool_use":
-            blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
-    return blocks
+def list_sessions(repl: Repl, arg: str) -> None:
+    for sid, entry, changed in repl.session.store.listing():
+        mark = "*" if sid == repl.session.id else " "
+        label = f" ({entry['label']})" if entry.get("label") else ""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(changed))
+        print(f"  {mark} {sid}{label}  updated {when}")
 
 
-def as_blocks(content) -> list:
-    """Message content as a list of blocks (the API also accepts a plain string)."""
-    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-
-
-def add_user_text(messages: list, user_text: str) -> None:
-    """Append the person's words. After an interrupted tool exchange the history
-    already ends with a user message (the tool results): join it, so roles alternate."""
-    if messages and messages[-1]["role"] == "user":
-        joined = as_blocks(messages[-1]["content"]) + [{"type": "text", "text": user_text}]
-        messages[-1] = {"role": "user", "content": joined}
+def switch_session(repl: Repl, arg: str) -> None:
+    matches = repl.session.store.find(arg) if arg else []
+    if len(matches) == 1:
+        repl.session = repl.session.store.open(matches[0])
+        print(session_line(repl.session, "switched"))
+    elif not arg:
+        print("Usage: /switch <id, id prefix or label prefix>")
+    elif not matches:
+        print(f"No session matches {arg!r}; /list shows them.")
     else:
-        messages.append({"role": "user", "content": user_text})
+        print(f"{arg!r} matches {len(matches)} sessions: {', '.join(matches)}. Say which.")
 
 
-def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
-               guard: ContextGuard | None = None) -> str | None:
-    """One turn: as many model calls as the tools need. Returns the reply text, or
-    None when the turn ended early (rolled back to the last consistent point).
-    The session is saved at every consistent point."""
-    guard = guard or ContextGuard(client)
-    guard.check(session, user_text)
-    messages = session.messages
-    consistent = list(messages)  # the last point at which the history is whole
-    add_user_text(messages, user_text)
-    words_pending = True  # the person's words are not part of `consistent` yet
-    compacted_once = False
-    for _ in range(MAX_TOOL_ROUNDS):
-        try:
-            message = stream_reply(client, messages)
-        except anthropic.APIError as exc:
-            messages[:] = consistent  # roll back to the last consistent point
-            if is_context_overflow(exc) and not compacted_once:
-                compacted_once = True
-                if compact_and_retry(session, guard, consistent, user_text, words_pending):
-                    continue
-            say(f"\n{describe_api_error(exc)}")
-            return None
-        except KeyboardInterrupt:
-            messages[:] = consistent
-            print("\n(interrupted; that turn was dropped)")
-            return None
-        text = "".join(block.text for block in message.content if block.type == "text")
-        if text:
-            say()  # end the streamed line
-        print_usage(message)
-        reason = message.stop_reason
-        if reason == "model_context_window_exceeded" and not compacted_once:
-            compacted_once = True
-            if compact_and_retry(session, guard, consistent, user_text, words_pending):
-                continue
-        if reason == "tool_use":
-            results, interrupted = run_tool_calls(message.content)
-            # The call and its results join the history together: it is whole again.
-            messages.append({"role": "assistant", "content": assistant_content(message)})
-            messages.append({"role": "user", "content": results})
-            consistent = list(messages)
-            words_pending = False
-            session.save()
-            if interrupted:
-                print("(interrupted; what the tools did so far is kept in the history)")
-                return None
-            continue
-        reply = finish_turn(messages, consistent, message, text)
-        session.save()
-        return reply
-    say(f"(stopped after {MAX_TOOL_ROUNDS} model calls in one turn; send a message to let it go on)")
-    return None
+def show_context(repl: Repl, arg: str) -> None:
+    session, guard = repl.session, repl.guard
+    tokens, how = guard.count(session.messages) if session.messages else (0, "empty")
+    print(f"Context: {tokens:,} tokens ({how}) of a {CONTEXT_WINDOW:,}-token window; "
+          f"compaction at {guard.limit:,} ({COMPACT_THRESHOLD:.0%}); "
+          f"{plural(len(session.messages), 'message')}")
 
 
-def compact_and_retry(session: Session, guard: ContextGuard, consistent: list, user_text: str,
-                      words_pending: bool) -> bool:
-    """The API said the prompt is too long: compact the consistent history, put
-    the person's words back if they were not in it yet, and let the turn retry once."""
-    as_it_was = list(session.messages)
-    session.messages[:] = consistent
-    if not guard.compact(session, "the model's context window overflowed"):
-        session.messages[:] = as_it_was  # no retry: the caller goes on from where it was
-        return False
-    consistent[:] = session.messages
-    if words_pending:
-        add_user_text(session.messages, user_text)
-    return True
+def compact_now(repl: Repl, arg: str) -> None:
+    repl.guard.compact(repl.session, "asked for with /compact", keep_exchanges=KEEP_EXCHANGES)
 
 
-def finish_turn(messages: list, consistent: list, message: anthropic.types.Message, text: str) -> str | None:
-    """Keep a final reply that has text and ended normally or was cut off; drop anything else."""
-    reason = message.stop_reason
-    if reason == "refusal":
-        say("(the model declined to answer; that turn was dropped)")
-    elif not text:
-        say(f"(empty reply, stop reason {reason}; that turn was dropped)")
+# --- [s04] Output: who reads a turn -------------------------------------------
+# A turn typed at the terminal prints as before. A turn for a remote chat runs on
+# a worker thread; its words go back to that chat, and the terminal only gets
+# dim log lines. agent_turn is handed the object that knows which (`out`), so
+# nothing deep in a turn has to guess where its words go.
+console_lock = threading.Lock()
+at_prompt = threading.Event()  # set while the REPL waits for the person to type
+held_lines: list[str] = []     # background lines that arrived while a terminal turn printed
+PROMPT = "You > "
+
+
+class TerminalOutput:
+    """The person at the keyboard: words stream to the screen, notes are dim,
+    and a command that needs approval is asked about right here."""
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        print(text, end=end, flush=True)
+
+    def note(self, text: str) -> None:
+        print(dim(text))
+
+    def approve(self, command: str) -> None:
+        approve_at_terminal(command)
+
+
+TERMINAL = TerminalOutput()
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:  # TEMP until the s02 merge
+    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1]
+                   for c in text)
+
+
+def log(text: str) -> None:
+    """A dim line for the operator, from any thread: what the gateway is doing."""
+    if threading.current_thread() is threading.main_thread():
+        print(dim(text))
     else:
-        if reason == "max_tokens":
-            say(f"(reply cut off: it reached MAX_TOKENS={MAX_TOKENS})")
-        elif reason != "end_turn":
-            say(f"(stopped: {reason})")
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        return text
-    messages[:] = consistent  # an unusable reply: back to the last consistent point
-    return None
+        print_in_background(dim(text))
 
 
-# --- Channels: every platform becomes one InboundMessage -------------------------
+def print_in_background(line: str) -> None:
+    """Print a line from another thread without wrecking what the person types:
+    at the prompt, it goes above the prompt and the prompt is drawn again; while
+    a terminal turn is printing, it waits until that turn is done."""
+    with console_lock:
+        if not at_prompt.is_set():
+            held_lines.append(line)
+        elif sys.stdin.isatty() and "readline" in sys.modules:
+            sys.stdout.write(f"\r\033[K{line}\n{PROMPT}{readline.get_line_buffer()}")
+            sys.stdout.flush()
+        else:  # not a terminal: end the prompt's line, print, and show the prompt again
+            sys.stdout.write(f"\n{line}\n{PROMPT}")
+            sys.stdout.flush()
+
+
+def print_held_lines() -> None:
+    with console_lock:
+        for line in held_lines:
+            print(line)
+        held_lines.clear()
+
+
+# --- [s04] Channels: every platform becomes one InboundMessage ----------------
 @dataclass
 class InboundMessage:
     """One message from any platform, in one shape. Past the channel that made
@@ -1054,18 +1281,20 @@ class InboundMessage:
     sender_name: str = ""
     is_group: bool = False      # a group chat, or a direct one
     thread: str | None = None   # a Telegram forum topic
-    media: str | None = None    # "photo", "file"...: a note that something came along with the words
+    media: str | None = None    # "photo", "file"...: something came along with the words
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def session_key(self) -> str:
-        """One session per chat: "telegram:direct:42", "feishu:group:oc_7", "telegram:group:-100:topic:3"."""
+        """One session per chat: "telegram:direct:42", "feishu:group:oc_7",
+        "telegram:group:-100:topic:3"."""
         key = f"{self.channel}:{'group' if self.is_group else 'direct'}:{self.peer}"
         return f"{key}:topic:{self.thread}" if self.thread else key
 
     def prompt_text(self) -> str:
         """What the model reads: the words, and a note when a file came along (not opened yet)."""
-        media = f"[they also sent a {self.media}, which this gateway cannot open]" if self.media else ""
+        media = f"[they also sent a {self.media}, which this gateway cannot open]" \
+            if self.media else ""
         return "\n".join(part for part in (self.text, media) if part)
 
 
@@ -1145,7 +1374,7 @@ class Channel:
 
     def switch_off(self, why: str) -> None:
         self.state, self.detail = "off", why
-        note(f"[{self.name}] off: {why}")
+        log(f"[{self.name}] off: {why}")
 
     def status(self) -> str:
         return f"{self.name} {self.state}" + (f" ({self.detail})" if self.state == "off" else "")
@@ -1160,14 +1389,21 @@ class TerminalChannel(Channel):
         self.state, self.detail = "on", "this window"
 
     def send(self, message: InboundMessage, text: str) -> None:
-        print_in_background(text)
+        print_in_background(printable(text, keep_newlines=True))
 
 
-# --- Telegram: long polling with python-telegram-bot ----------------------------
+def allow_list(variable: str) -> set[str]:
+    return {x.strip() for x in (os.getenv(variable) or "").split(",") if x.strip()}
+
+
+# --- [s04] Telegram: long polling with python-telegram-bot --------------------
+TELEGRAM_BOT_TOKEN = os.getenv("TELEGRAM_BOT_TOKEN") or ""
+TELEGRAM_API_BASE = (os.getenv("TELEGRAM_API_BASE") or "https://api.telegram.org").rstrip("/")
 TELEGRAM_POLL_TIMEOUT = 25  # seconds one getUpdates call may wait for news (long polling)
-POLL_BACKOFF_START = 1.0    # seconds to wait after a failed poll; doubled after each further failure
+POLL_BACKOFF_START = 1.0    # seconds to wait after a failed poll; doubled after each failure
 POLL_BACKOFF_MAX = 60.0
-TELEGRAM_MEDIA = ("photo", "document", "voice", "audio", "video", "video_note", "sticker", "location")
+TELEGRAM_MEDIA = ("photo", "document", "voice", "audio", "video", "video_note", "sticker",
+                  "location")
 
 
 class TelegramChannel(Channel):
@@ -1180,16 +1416,19 @@ class TelegramChannel(Channel):
         super().__init__()
         self.token, self.api_base = token, api_base
         self.account = ""  # the bot's username, learned from getMe
-        self.bot = self.loop = self.thread = self.poller = None
+        self.telegram = self.bot = self.loop = self.thread = self.poller = None
 
     def start(self, on_message) -> None:
         self.on_message = on_message
         if not self.token:
             self.state, self.detail = "off", "no TELEGRAM_BOT_TOKEN in .env"
             return
+        import telegram  # loaded only when Telegram is configured: it costs start-up time
+        self.telegram = telegram
         self.bot = telegram.Bot(self.token, base_url=f"{self.api_base}/bot")
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="telegram", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="telegram",
+                                       daemon=True)
         self.thread.start()
         self.state, self.detail = "starting", "connecting to the Bot API"
         self.poller = asyncio.run_coroutine_threadsafe(self.poll(), self.loop)
@@ -1198,6 +1437,7 @@ class TelegramChannel(Channel):
         """Ask for new messages, forever. After a failure wait before asking again,
         twice as long each time up to POLL_BACKOFF_MAX, so a broken API is not
         hammered; log one line when polling starts failing and one when it works again."""
+        errors = self.telegram.error
         offset, delay, failures = None, 0.0, 0
         while True:
             try:
@@ -1207,37 +1447,40 @@ class TelegramChannel(Channel):
                     self.state, self.detail = "on", f"@{self.account}, long polling"
                 updates = await self.bot.get_updates(offset=offset, timeout=TELEGRAM_POLL_TIMEOUT,
                                                      allowed_updates=["message"])
-            except telegram.error.InvalidToken:
-                self.switch_off("Telegram does not know this TELEGRAM_BOT_TOKEN; check it with @BotFather")
+            except errors.InvalidToken:
+                self.switch_off("Telegram does not know this TELEGRAM_BOT_TOKEN; "
+                                "check it with @BotFather")
                 return
-            except telegram.error.TelegramError as exc:  # 5xx, 409 Conflict, 429, network down
+            except errors.TelegramError as exc:  # 5xx, 409 Conflict, 429, network down
                 failures += 1
                 delay = min(POLL_BACKOFF_MAX, delay * 2 or POLL_BACKOFF_START)
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = printable(f"{type(exc).__name__}: {exc}")
                 if failures == 1:
-                    note(f"[telegram] polling failed ({self.last_error}); retrying, waiting longer each time")
-                self.state, self.detail = "retrying", f"{failures} failed polls; next try in {delay:g} s"
+                    log(f"[telegram] polling failed ({self.last_error}); "
+                        "retrying, waiting longer each time")
+                self.state = "retrying"
+                self.detail = f"{failures} failed polls; next in {delay:g} s"
                 await asyncio.sleep(delay)
                 continue
             if failures:
-                note(f"[telegram] polling works again after {failures} failed tries")
+                log(f"[telegram] polling works again after {failures} failed tries")
                 failures, delay = 0, 0.0
             self.state, self.detail = "on", f"@{self.account}, long polling"
             for update in updates:
-                offset = update.update_id + 1  # the next call confirms this update, so it is not sent again
+                offset = update.update_id + 1  # the next call confirms it: it is not sent again
                 message = self.to_inbound(update)
                 if message:
                     self.on_message(message)
 
-    def to_inbound(self, update: telegram.Update) -> InboundMessage | None:
+    def to_inbound(self, update) -> InboundMessage | None:
         m = update.message
         if m is None or m.from_user is None or m.from_user.is_bot:
             return None  # an edit, a channel post, another bot: not a person writing to us
         media = next((kind for kind in TELEGRAM_MEDIA if getattr(m, kind)), None)
         text = (m.text or m.caption or "").replace(f"@{self.account}", "").strip()
         return InboundMessage(channel="telegram", account=self.account, peer=str(m.chat.id),
-                              sender=str(m.from_user.id), text=text, sender_name=m.from_user.full_name,
-                              is_group=m.chat.type != "private",
+                              sender=str(m.from_user.id), text=text,
+                              sender_name=m.from_user.full_name, is_group=m.chat.type != "private",
                               thread=str(m.message_thread_id) if m.is_topic_message else None,
                               media=media, raw=update.to_dict())
 
@@ -1251,10 +1494,12 @@ class TelegramChannel(Channel):
         where = {"message_thread_id": int(message.thread)} if message.thread else {}
         for number, part in enumerate(split_message(text, self.max_text)):
             quote = {}
-            if message.is_group and number == 0 and "message" in message.raw:  # in a group, answer that message
-                quote = {"reply_parameters": telegram.ReplyParameters(message.raw["message"]["message_id"],
-                                                                      allow_sending_without_reply=True)}
-            self.call(self.bot.send_message(chat_id=int(message.peer), text=part, **where, **quote))
+            if message.is_group and number == 0 and "message" in message.raw:
+                # in a group, the first part answers the message it replies to
+                quote = {"reply_parameters": self.telegram.ReplyParameters(
+                    message.raw["message"]["message_id"], allow_sending_without_reply=True)}
+            self.call(self.bot.send_message(chat_id=int(message.peer), text=part, **where,
+                                            **quote))
 
     def typing(self, message: InboundMessage):
         where = {"message_thread_id": int(message.thread)} if message.thread else {}
@@ -1262,8 +1507,9 @@ class TelegramChannel(Channel):
         async def keep_typing() -> None:
             while True:
                 try:
-                    await self.bot.send_chat_action(chat_id=int(message.peer), action="typing", **where)
-                except telegram.error.TelegramError:
+                    await self.bot.send_chat_action(chat_id=int(message.peer), action="typing",
+                                                    **where)
+                except self.telegram.error.TelegramError:
                     pass  # only a courtesy: the reply is what matters
                 await asyncio.sleep(4)  # Telegram shows "typing..." for about five seconds
 
@@ -1282,16 +1528,25 @@ class TelegramChannel(Channel):
         self.state, self.detail = "off", "stopped"
 
 
-# --- Feishu / Lark: a webhook in, HTTPS calls out --------------------------------
+# --- [s04] Feishu / Lark: a webhook in, HTTPS calls out -----------------------
+FEISHU_APP_ID = os.getenv("FEISHU_APP_ID") or ""
+FEISHU_APP_SECRET = os.getenv("FEISHU_APP_SECRET") or ""
+FEISHU_VERIFICATION_TOKEN = os.getenv("FEISHU_VERIFICATION_TOKEN") or ""
+FEISHU_WEBHOOK_PORT = int(os.getenv("FEISHU_WEBHOOK_PORT") or "18790")
+FEISHU_DOMAIN = os.getenv("FEISHU_DOMAIN") or "feishu"  # "lark": Feishu's international edition
+FEISHU_API_BASE = (os.getenv("FEISHU_API_BASE") or "").rstrip("/")
 FEISHU_API_BASES = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com"}
 FEISHU_TOKEN_MARGIN = 300  # fetch a new tenant token this many seconds before the old one expires
 FEISHU_TOKEN_ERRORS = {99991661, 99991663, 99991668}  # tenant token missing, invalid or expired
 MAX_WEBHOOK_BODY = 1_000_000  # bytes; a bigger POST is refused unread
+WEBHOOK_READ_TIMEOUT = 10     # seconds a client may stay silent mid-request before it is dropped
+MAX_WEBHOOK_REQUESTS = 16     # requests handled at once; more are refused with 503 at once
 
 
 class FeishuWebhook(BaseHTTPRequestHandler):
     """Feishu POSTs events here. It listens on 127.0.0.1: put a tunnel or a
     reverse proxy in front, and give Feishu that public URL."""
+    timeout = WEBHOOK_READ_TIMEOUT  # a slow or silent client cannot hold a thread for ever
 
     def do_POST(self) -> None:
         try:
@@ -1299,14 +1554,14 @@ class FeishuWebhook(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_WEBHOOK_BODY:
-            return self.answer(413 if length > 0 else 400, {"error": "bad or too large body"})
+            return self.reply_json(413 if length > 0 else 400, {"error": "bad or too large body"})
         try:
             body = json.loads(self.rfile.read(length))
         except ValueError:
-            return self.answer(400, {"error": "the body is not JSON"})
-        self.answer(*self.server.channel.handle_event(body))
+            return self.reply_json(400, {"error": "the body is not JSON"})
+        self.reply_json(*self.server.channel.handle_event(body))
 
-    def answer(self, status: int, body: dict) -> None:
+    def reply_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -1319,10 +1574,31 @@ class FeishuWebhook(BaseHTTPRequestHandler):
 
 
 class WebhookServer(ThreadingHTTPServer):
+    """One thread per request, but never more than MAX_WEBHOOK_REQUESTS at once."""
     daemon_threads = True  # a slow or stuck client never holds up the exit
 
+    def __init__(self, address, handler):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_WEBHOOK_REQUESTS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            except OSError:
+                pass
+            return self.shutdown_request(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
     def handle_error(self, request, client_address) -> None:
-        note(f"[feishu] a webhook request from {client_address[0]} failed: {sys.exc_info()[1]!r}")
+        log(f"[feishu] a webhook request from {client_address[0]} failed: "
+            f"{printable(repr(sys.exc_info()[1]))}")
 
 
 class FeishuChannel(Channel):
@@ -1332,15 +1608,15 @@ class FeishuChannel(Channel):
     name = "feishu"
     max_text = 4000  # Feishu takes much longer texts; parts this long still read well in a chat
 
-    def __init__(self, app_id: str, app_secret: str, verification_token: str, port: int, api_base: str):
+    def __init__(self, app_id: str, app_secret: str, verification_token: str, port: int,
+                 api_base: str):
         super().__init__()
-        self.app_id, self.app_secret, self.verification_token = app_id, app_secret, verification_token
-        self.port, self.api_base = port, api_base
-        self.http = httpx.Client(timeout=15)
+        self.app_id, self.app_secret = app_id, app_secret
+        self.verification_token, self.port, self.api_base = verification_token, port, api_base
+        self.httpx = self.http = self.server = None
         self.token, self.token_expires = "", 0.0
         self.token_lock = threading.Lock()
-        self.seen_events = deque(maxlen=1000)  # Feishu delivers an event again if it thinks we missed it
-        self.server = None
+        self.seen_events = deque(maxlen=1000)  # Feishu delivers an event again if it missed our 200
 
     def start(self, on_message) -> None:
         self.on_message = on_message
@@ -1348,7 +1624,8 @@ class FeishuChannel(Channel):
             self.state, self.detail = "off", "no FEISHU_APP_ID / FEISHU_APP_SECRET in .env"
             return
         if not self.verification_token:
-            return self.switch_off("no FEISHU_VERIFICATION_TOKEN: without it anyone could post events")
+            return self.switch_off("no FEISHU_VERIFICATION_TOKEN: "
+                                   "without it anyone could post events")
         if not self.api_base:
             return self.switch_off(f"FEISHU_DOMAIN must be feishu or lark, not {FEISHU_DOMAIN!r}")
         try:
@@ -1356,22 +1633,27 @@ class FeishuChannel(Channel):
         except OSError as exc:
             return self.switch_off(f"cannot listen on 127.0.0.1:{self.port} ({exc.strerror}); "
                                    "set FEISHU_WEBHOOK_PORT to a free port")
+        import httpx  # loaded only when Feishu is configured
+        self.httpx, self.http = httpx, httpx.Client(timeout=15)
         self.server.channel = self
-        threading.Thread(target=self.server.serve_forever, name="feishu-webhook", daemon=True).start()
-        self.state, self.detail = "on", f"webhook on http://127.0.0.1:{self.port}/, API {self.api_base}"
+        threading.Thread(target=self.server.serve_forever, name="feishu-webhook",
+                         daemon=True).start()
+        self.state = "on"
+        self.detail = f"webhook on http://127.0.0.1:{self.port}/, API {self.api_base}"
 
     def handle_event(self, body) -> tuple[int, dict]:
         """Answer one webhook POST: (HTTP status, JSON body). Never raises."""
         try:
             if "encrypt" in body:
-                return 400, {"error": "encrypted events are not supported: clear the Encrypt Key in the console"}
+                return 400, {"error": "encrypted events are not supported: "
+                                      "clear the Encrypt Key in the console"}
             verifying = body.get("type") == "url_verification"
             token = body.get("token") if verifying else body["header"].get("token")
             if not secrets.compare_digest(str(token or ""), self.verification_token):
-                note("[feishu] refused an event with a wrong verification token")
+                log("[feishu] refused an event with a wrong verification token")
                 return 403, {"error": "wrong verification token"}
             if verifying:
-                return 200, {"challenge": body.get("challenge")}  # Feishu checks the URL this way once
+                return 200, {"challenge": body.get("challenge")}  # Feishu checks the URL once
             if body["header"].get("event_type") != "im.message.receive_v1":
                 return 200, {}
             message, event_id = self.to_inbound(body), body["header"].get("event_id")
@@ -1381,18 +1663,21 @@ class FeishuChannel(Channel):
             self.on_message(message)
             return 200, {}
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            note(f"[feishu] refused a malformed event ({type(exc).__name__}: {exc})")
+            log(f"[feishu] refused a malformed event ({type(exc).__name__}: "
+                f"{printable(str(exc))})")
             return 400, {"error": "malformed event"}
 
     def to_inbound(self, body: dict) -> InboundMessage:
         m, sender = body["event"]["message"], body["event"]["sender"]["sender_id"]["open_id"]
+        if not isinstance(sender, str) or not isinstance(m["chat_id"], str):
+            raise TypeError("open_id and chat_id must be text")
         is_group = m["chat_type"] != "p2p"
         kind = m.get("message_type")
         text = json.loads(m.get("content") or "{}").get("text", "") if kind == "text" else ""
-        text = re.sub(r"@_user_\d+\s*", "", text).strip()  # "@_user_1" stands for a mention of the bot
-        return InboundMessage(channel="feishu", account=self.app_id, peer=m["chat_id"] if is_group else sender,
-                              sender=sender, text=text, is_group=is_group,
-                              media=None if kind == "text" else kind, raw=body)
+        text = re.sub(r"@_user_\d+\s*", "", text).strip()  # "@_user_1": a mention of the bot
+        return InboundMessage(channel="feishu", account=self.app_id,
+                              peer=m["chat_id"] if is_group else sender, sender=sender, text=text,
+                              is_group=is_group, media=None if kind == "text" else kind, raw=body)
 
     def tenant_token(self, refresh: bool = False) -> str:
         with self.token_lock:
@@ -1400,7 +1685,8 @@ class FeishuChannel(Channel):
                 data = self.post("/open-apis/auth/v3/tenant_access_token/internal",
                                  {"app_id": self.app_id, "app_secret": self.app_secret})
                 if data.get("code") != 0:
-                    raise ChannelError(f"Feishu refused FEISHU_APP_ID / FEISHU_APP_SECRET: {data.get('msg')}")
+                    raise ChannelError("Feishu refused FEISHU_APP_ID / FEISHU_APP_SECRET: "
+                                       f"{data.get('msg')}")
                 self.token = data["tenant_access_token"]
                 self.token_expires = time.monotonic() + data["expire"] - FEISHU_TOKEN_MARGIN
             return self.token
@@ -1409,52 +1695,60 @@ class FeishuChannel(Channel):
         try:
             response = self.http.post(f"{self.api_base}{path}", json=body, **kwargs)
             return response.json()
-        except httpx.HTTPError as exc:
+        except self.httpx.HTTPError as exc:
             raise ChannelError(f"cannot reach {self.api_base}: {exc}")
         except ValueError:
-            raise ChannelError(f"{self.api_base}{path} answered {response.status_code} without JSON")
+            raise ChannelError(f"{self.api_base}{path} answered {response.status_code} "
+                               "without JSON")
 
     def send(self, message: InboundMessage, text: str) -> None:
+        if self.http is None:
+            raise ChannelError(f"Feishu is off ({self.detail})")
         # A direct chat is addressed by the person's open_id, a group by its chat_id.
         id_type = "chat_id" if message.is_group else "open_id"
         for part in split_message(text, self.max_text):
             content = json.dumps({"text": part}, ensure_ascii=False)
-            for refresh in (False, True):  # a token the server no longer takes: fetch a new one, once
-                data = self.post("/open-apis/im/v1/messages", {"receive_id": message.peer, "msg_type": "text",
-                                                              "content": content},
-                                 params={"receive_id_type": id_type},
+            for refresh in (False, True):  # a token the server no longer takes: a new one, once
+                data = self.post("/open-apis/im/v1/messages",
+                                 {"receive_id": message.peer, "msg_type": "text",
+                                  "content": content}, params={"receive_id_type": id_type},
                                  headers={"Authorization": f"Bearer {self.tenant_token(refresh)}"})
                 if data.get("code") not in FEISHU_TOKEN_ERRORS:
                     break
             if data.get("code") != 0:
-                raise ChannelError(f"Feishu refused the message: {data.get('code')} {data.get('msg')}")
+                raise ChannelError(f"Feishu refused the message: {data.get('code')} "
+                                   f"{data.get('msg')}")
 
     def stop(self) -> None:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
-        self.http.close()
+        if self.http:
+            self.http.close()
 
 
-# --- Who may talk: allow lists and pairing -----------------------------------------
+# --- [s04] Who may talk: allow lists and pairing ------------------------------
 PAIRING_FILE = STATE_DIR / "pairing.json"
 PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0, O, 1 or I to misread
-PAIRING_TTL = 3600        # seconds a pairing code stays valid
-MAX_PENDING_PAIRINGS = 3  # per channel; further strangers are ignored until one is answered or expires
-PAIRING_REPLY = ("Hello! I only talk with people my operator has approved. Your pairing code is {code}. "
-                 "Ask the operator to run /pair approve {code} (the code expires in an hour).")
+PAIRING_TTL = 3600         # seconds a pairing code stays valid
+MAX_PENDING_PAIRINGS = 20  # per channel; a new stranger past this pushes out the oldest request
+PAIRING_LOG_QUIET = 60     # seconds after a pairing line in which more requests are only counted
+PAIRING_REPLY = ("Hello! I only talk with people my operator has approved. Your pairing code is "
+                 "{code}. Ask the operator to run /pair approve {code} (it expires in an hour).")
 
 
 class Pairing:
     """Who may talk: the allow lists from .env, plus senders the operator paired.
 
-    .state/pairing.json holds {"approved": {channel: [sender ids]}, "requests": [...]}.
-    A file that cannot be read is moved aside and nobody new is let in (fail closed)."""
+    pairing.json in the state folder holds {"approved": {channel: [sender ids]},
+    "requests": [...]}. A file that cannot be read is moved aside and nobody new
+    is let in (fail closed)."""
 
     def __init__(self, allow_from: dict[str, set]):
         self.allow_from = allow_from
         self.lock = threading.Lock()
         self.data = self.load()
+        self.quiet_until, self.unlogged = 0.0, 0  # one terminal line per burst of strangers
 
     def load(self) -> dict:
         empty = {"version": 1, "approved": {}, "requests": []}
@@ -1462,16 +1756,17 @@ class Pairing:
             return empty
         try:
             data = json.loads(PAIRING_FILE.read_text(encoding="utf-8"))
-            if not isinstance(data["approved"], dict) or not isinstance(data["requests"], list):
-                raise ValueError("'approved' must be an object and 'requests' a list")
+            if not isinstance(data["approved"], dict) or not isinstance(data["requests"], list) \
+                    or not all(isinstance(ids, list) for ids in data["approved"].values()):
+                raise ValueError("'approved' must map channels to lists and 'requests' be a list")
             data["requests"] = [r for r in data["requests"] if isinstance(r, dict) and
                                 {"code", "channel", "sender", "created"} <= r.keys()]
             return data
         except (ValueError, KeyError, TypeError) as exc:
             aside = PAIRING_FILE.with_name(f"pairing.corrupt-{int(time.time())}.json")
             PAIRING_FILE.replace(aside)
-            note(f"[pairing] {PAIRING_FILE} is not valid ({exc}); moved it to {aside.name}. "
-                 "Paired senders must pair again.")
+            log(f"[pairing] {PAIRING_FILE} is not valid ({exc}); moved it to {aside.name}. "
+                "Paired senders must pair again.")
             return empty
 
     def save(self) -> None:
@@ -1479,33 +1774,50 @@ class Pairing:
 
     def is_allowed(self, channel: str, sender: str) -> bool:
         with self.lock:
-            return sender in self.allow_from.get(channel, set()) or sender in self.data["approved"].get(channel, [])
+            return sender in self.allow_from.get(channel, set()) or \
+                sender in self.data["approved"].get(channel, [])
 
     def live_requests(self) -> list:
         now = time.time()
-        self.data["requests"] = [r for r in self.data["requests"] if now - r["created"] < PAIRING_TTL]
+        self.data["requests"] = [r for r in self.data["requests"]
+                                 if now - r["created"] < PAIRING_TTL]
         return self.data["requests"]
 
     def request(self, message: InboundMessage) -> str | None:
-        """A new code for this sender, or None: they have one already (or were denied
-        within the hour), or too many strangers are waiting on this channel."""
+        """A new code for this sender, or None when they have one already (or were denied
+        within the hour). When too many strangers wait, the oldest request gives way: a
+        flood of strangers cannot keep one real person from pairing for an hour."""
         with self.lock:
             requests = self.live_requests()
-            if any(r["channel"] == message.channel and r["sender"] == message.sender for r in requests):
+            if any(r["channel"] == message.channel and r["sender"] == message.sender
+                   for r in requests):
                 return None
-            if sum(r["channel"] == message.channel and not r.get("denied") for r in requests) >= MAX_PENDING_PAIRINGS:
-                return None
+            waiting = [r for r in requests if r["channel"] == message.channel]
+            if len(waiting) >= MAX_PENDING_PAIRINGS:
+                requests.remove(waiting[0])
             code = "".join(secrets.choice(PAIRING_ALPHABET) for _ in range(8))
             requests.append({"code": code, "channel": message.channel, "sender": message.sender,
-                             "name": message.sender_name, "peer": message.peer, "created": time.time()})
+                             "name": message.sender_name, "peer": message.peer,
+                             "created": time.time()})
             self.save()
             return code
 
-    def answer(self, code: str, approve: bool) -> dict | None:
+    def should_log(self) -> int | None:
+        """None while a burst of requests is being counted quietly; otherwise how many
+        requests went unlogged since the last line."""
+        with self.lock:
+            if time.monotonic() < self.quiet_until:
+                self.unlogged += 1
+                return None
+            self.quiet_until = time.monotonic() + PAIRING_LOG_QUIET
+            unlogged, self.unlogged = self.unlogged, 0
+            return unlogged
+
+    def decide(self, code: str, approve: bool) -> dict | None:
         """Approve or deny a pending request by its code; returns the request, or None."""
         with self.lock:
-            request = next((r for r in self.live_requests() if r["code"] == code.upper() and not r.get("denied")),
-                           None)
+            request = next((r for r in self.live_requests()
+                            if r["code"] == code.upper() and not r.get("denied")), None)
             if request is None:
                 return None
             if approve:
@@ -1514,7 +1826,7 @@ class Pairing:
                 if request["sender"] not in approved:
                     approved.append(request["sender"])
             else:
-                request["denied"] = True  # kept until it expires, so the same sender cannot ask again at once
+                request["denied"] = True  # kept until it expires: no new code for them at once
             self.save()
             return request
 
@@ -1523,15 +1835,8 @@ class Pairing:
             return [r for r in self.live_requests() if not r.get("denied")]
 
 
-# --- Approvals for remote chats ----------------------------------------------------
-class Reply:
-    """What one remote turn says, gathered by say() and sent when the turn ends."""
-
-    def __init__(self, message: InboundMessage, channel: Channel):
-        self.message, self.channel, self.parts = message, channel, []
-
-    def text(self) -> str:
-        return "".join(self.parts).strip()
+# --- [s04] Approvals for remote chats -----------------------------------------
+APPROVAL_TIMEOUT = float(os.getenv("APPROVAL_TIMEOUT") or "120")  # seconds to wait for /approve
 
 
 class ApprovalQueue:
@@ -1544,28 +1849,30 @@ class ApprovalQueue:
         self.waiting: dict[str, dict] = {}
         self.numbers = count(1)
 
-    def ask(self, command: str, reply: Reply) -> str:
+    def wait_for_operator(self, command: str, reply: ChatReply) -> str:
         """Block the asking worker until an answer: "once", "always", "deny" or "timeout"."""
         with self.lock:
-            request = {"id": str(next(self.numbers)), "command": command, "who": reply.message.session_key,
-                       "asked": time.time(), "answer": "deny", "answered": threading.Event()}
+            request = {"id": str(next(self.numbers)), "command": command,
+                       "who": reply.message.session_key, "asked": time.time(),
+                       "answer": "deny", "answered": threading.Event()}
             self.waiting[request["id"]] = request
-        rid = request["id"]
-        print_in_background(f"[approval {rid}] {request['who']} wants to run: {command}\n"
+        rid, shown = request["id"], printable(command)
+        print_in_background(f"[approval {rid}] {request['who']} wants to run: {shown}\n"
                             f"  /approve {rid} (or /approve {rid} always) or /deny {rid}; "
                             f"denied in {APPROVAL_TIMEOUT:g} s without an answer")
-        reply.channel.send(reply.message, f"Waiting for the operator to approve this command: {command}")
+        reply.channel.send(reply.message,
+                           f"Waiting for the operator to approve this command: {command}")
         answered = request["answered"].wait(APPROVAL_TIMEOUT)
         with self.lock:
             self.waiting.pop(rid, None)
         if answered:
             return request["answer"]
         print_in_background(f"[approval {rid}] no answer in {APPROVAL_TIMEOUT:g} s: denied")
-        reply.channel.send(reply.message, f"The operator did not answer within {APPROVAL_TIMEOUT:g} s, "
-                                          f"so this command did not run: {command}")
+        reply.channel.send(reply.message, f"The operator did not answer within {APPROVAL_TIMEOUT:g}"
+                                          f" s, so this command did not run: {command}")
         return "timeout"
 
-    def answer(self, request_id: str, answer: str) -> dict | None:
+    def resolve(self, request_id: str, answer: str) -> dict | None:
         with self.lock:
             request = self.waiting.pop(request_id, None)
         if request:
@@ -1578,27 +1885,64 @@ class ApprovalQueue:
             return list(self.waiting.values())
 
 
-APPROVALS = ApprovalQueue()
+class ChatReply:
+    """The `out` of a turn for a remote chat: words are gathered and sent when the
+    turn ends, notes go to the operator's log, and a command that needs approval
+    waits for the operator at the terminal. "always" covers this agent's chats."""
+
+    def __init__(self, message: InboundMessage, channel: Channel, approvals: ApprovalQueue,
+                 agent_id: str = AGENT_ID):
+        self.message, self.channel, self.approvals = message, channel, approvals
+        self.scope = f"chats:{agent_id}"  # an "always" given here never covers the terminal
+        self.parts: list[str] = []
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        self.parts.append(text + end)
+
+    def note(self, text: str) -> None:
+        log(f"[{self.message.session_key}] {text}")
+
+    def approve(self, command: str) -> None:
+        if is_always_approved(command, self.scope):
+            return
+        answer = self.approvals.wait_for_operator(command, self)
+        if answer == "always":
+            remember_always(command, self.scope)
+        elif answer == "deny":
+            raise ToolError("the operator denied this command. Do not retry it; "
+                            "ask the person what they want instead.")
+        elif answer == "timeout":
+            raise ToolError(f"nobody approved this command within {APPROVAL_TIMEOUT:g} s, "
+                            "so it did not run. Do not retry it now.")
+
+    def text(self) -> str:
+        return "".join(self.parts).strip()
 
 
-# --- The bus: from channels to worker threads, and replies back ---------------------
-AGENT_WORKERS = 4     # remote turns that may run at once (each in a different session)
-SHUTDOWN_GRACE = 5.0  # seconds remote turns in progress get to finish when the gateway stops
+# --- [s04] The bus: from channels to worker threads, and replies back ---------
+AGENT_WORKERS = 4        # remote turns that may run at once (each in a different session)
+MAX_WAITING_TURNS = 5    # messages one chat may have waiting; more get a "busy" answer
+SHUTDOWN_GRACE = 5.0     # seconds remote turns in progress get to finish when the gateway stops
 REMOTE_HELP = "Send me a message and I will answer. /new starts a fresh conversation."
+BUSY_REPLY = "I am still working on your earlier messages; send this one again when I answer."
 
 
 class MessageBus:
     """Carries InboundMessages from the channels to worker threads, and replies back.
 
     Messages of one session wait in line (its turns never overlap); different
-    sessions run on different workers at the same time. publish() never blocks,
-    so a channel's receiving thread is never held up by a turn."""
+    sessions run on different workers at the same time, but one sender never
+    holds more than one worker. publish() never blocks, so a channel's receiving
+    thread is never held up by a turn."""
 
     def __init__(self, client: anthropic.Anthropic, store: SessionStore, guard: ContextGuard,
-                 channels: dict[str, Channel], pairing: Pairing):
-        self.client, self.store, self.guard, self.channels, self.pairing = client, store, guard, channels, pairing
+                 channels: dict[str, Channel], pairing: Pairing, approvals: ApprovalQueue):
+        self.client, self.store, self.guard = client, store, guard
+        self.channels, self.pairing, self.approvals = channels, pairing, approvals
         self.waiting: dict[str, deque] = {}  # session key -> its messages not yet answered
         self.ready = queue.Queue()           # session keys that have a message and no worker yet
+        self.busy_senders: dict[str, list] = {}  # sender -> session keys parked until it is free
+        self.told_busy: set[str] = set()     # chats told "busy" since their line last emptied
         self.lock = threading.Lock()
         for number in range(AGENT_WORKERS):
             threading.Thread(target=self.work, name=f"agent-worker-{number}", daemon=True).start()
@@ -1606,8 +1950,17 @@ class MessageBus:
     def publish(self, message: InboundMessage) -> None:
         key = message.session_key
         with self.lock:
-            if key in self.waiting:  # a worker is on this session: line up behind it
-                self.waiting[key].append(message)
+            line = self.waiting.get(key)
+            if line is not None and message.text.strip() == "/new":
+                line.clear()  # a fresh start: what was waiting is not answered in the new session
+            if line is not None and len(line) >= MAX_WAITING_TURNS:
+                if key not in self.told_busy:  # once per full line, from a short-lived thread
+                    self.told_busy.add(key)
+                    threading.Thread(target=self.send_quietly, args=(message, BUSY_REPLY),
+                                     daemon=True).start()
+                return
+            if line is not None:  # a worker is on this session: line up behind it
+                line.append(message)
                 return
             self.waiting[key] = deque([message])
         self.ready.put(key)
@@ -1619,12 +1972,22 @@ class MessageBus:
                 with self.lock:
                     if not self.waiting[key]:
                         del self.waiting[key]
+                        self.told_busy.discard(key)
                         break
+                    sender = self.waiting[key][0].sender
+                    if sender in self.busy_senders:  # their other chat has a worker: wait for it
+                        self.busy_senders[sender].append(key)
+                        break
+                    self.busy_senders[sender] = []
                     message = self.waiting[key].popleft()
                 try:
                     self.handle(message)
-                except Exception as exc:  # a failed send, a bug: log it and go on with the next message
-                    note(f"[{message.session_key}] not answered: {type(exc).__name__}: {exc}")
+                except Exception as exc:  # a failed send, a bug: log it, go on with the next
+                    log(f"[{key}] not answered: {type(exc).__name__}: {printable(str(exc))}")
+                finally:
+                    with self.lock:
+                        for parked in self.busy_senders.pop(sender):
+                            self.ready.put(parked)
 
     def wait_until_idle(self, timeout: float) -> bool:
         """Wait (up to timeout) until no message is waiting or being answered."""
@@ -1635,7 +1998,8 @@ class MessageBus:
 
     def handle(self, message: InboundMessage) -> None:
         channel, text = self.channels[message.channel], message.prompt_text()
-        note(f"[{message.channel}] {message.sender_name or message.sender} ({message.sender}): {preview(text)}")
+        who = printable(f"{message.sender_name or message.sender} ({message.sender})")
+        log(f"[{message.session_key}] {who}: {printable(preview(text))}")
         if not self.pairing.is_allowed(message.channel, message.sender):
             return self.refuse(message, channel)
         if text in ("/start", "/help"):
@@ -1646,164 +2010,186 @@ class MessageBus:
         if not text:
             return
         session = self.store.for_key(message.session_key)
-        turn_context.reply = reply = Reply(message, channel)
+        reply = ChatReply(message, channel, self.approvals)
         stop_typing = channel.typing(message)
         try:
-            agent_turn(self.client, session, text, self.guard)
+            agent_turn(self.client, session, text, self.guard, reply)
         finally:
             stop_typing()
-            turn_context.reply = None
         answer = reply.text() or "(no reply)"
         channel.send(message, answer)
-        note(f"[{message.session_key}] replied ({len(answer)} characters)")
+        log(f"[{message.session_key}] replied ({len(answer)} characters)")
 
     def refuse(self, message: InboundMessage, channel: Channel) -> None:
         """A sender on no list: a pairing code in a direct chat, silence in a group."""
-        who = f"{message.channel} user {message.sender_name or '?'} ({message.sender})"
+        who = printable(f"{message.channel} user {message.sender_name or '?'} ({message.sender})")
         if message.is_group:
-            return note(f"[pairing] ignored {who} in a group: not paired (pairing works in a direct chat)")
+            return log(f"[pairing] ignored {who} in a group: not paired "
+                       "(pairing works in a direct chat)")
         code = self.pairing.request(message)
-        if code:
-            channel.send(message, PAIRING_REPLY.format(code=code))
-            print_in_background(f"[pairing] {who} asks to talk: /pair approve {code} or /pair deny {code}")
-        else:
-            note(f"[pairing] ignored {who}: not paired; a request is pending or too many are")
+        if not code:
+            return log(f"[pairing] ignored {who}: a request of theirs is pending or was denied")
+        channel.send(message, PAIRING_REPLY.format(code=code))
+        unlogged = self.pairing.should_log()
+        if unlogged is not None:
+            more = f" ({unlogged} more asked quietly before; /pair lists them)" if unlogged else ""
+            print_in_background(f"[pairing] {who} asks to talk: /pair approve {code} "
+                                f"or /pair deny {code}{more}")
+
+    def send_quietly(self, message: InboundMessage, text: str) -> None:
+        try:
+            self.channels[message.channel].send(message, text)
+        except Exception as exc:
+            log(f"[{message.session_key}] could not send: {printable(str(exc))}")
 
 
-# --- The REPL --------------------------------------------------------------
-HELP = """Commands:
-  /new [label]  start a new session (the old one stays on disk)
-  /list         list the sessions, newest first
-  /switch X     switch to a session by id, id prefix or label prefix
-  /context      how full the model's context window is
-  /compact      summarize the older part of this session now
-  /channels     each channel: on or off (and why), last error
-  /pair         senders waiting to be paired; /pair approve CODE, /pair deny CODE
-  /approvals    commands from remote chats waiting for you; /approve ID [always], /deny ID
-  /help         show this list
-  quit, exit    leave (Ctrl-D and Ctrl-C work too)
-Anything else is sent to the model."""
+# --- [s04] Commands: channels, pairing, approvals -----------------------------
+def show_channels(repl: Repl, arg: str) -> None:
+    for channel in repl.bus.channels.values():
+        error = f"; last error: {printable(channel.last_error)}" if channel.last_error else ""
+        print(f"  {channel.name:<9} {channel.state:<9} {channel.detail}{error}")
 
 
-def session_line(session: Session, how: str) -> str:
-    label = session.store.index["sessions"].get(session.id, {}).get("label")
-    return f"Session {session.id}{f' ({label})' if label else ''}: {how}, {len(session.messages)} messages"
-
-
-def run_command(line: str, session: Session, guard: ContextGuard) -> Session:
-    """The session commands. Returns the session to use from now on."""
-    store = session.store
-    command, _, arg = line.partition(" ")
-    arg = arg.strip()
-    if command == "/new":
-        session = store.create(arg or None)
-        print(session_line(session, "new"))
-    elif command == "/list":
-        by_update = sorted(store.index["sessions"].items(), key=lambda kv: kv[1].get("updated") or "", reverse=True)
-        for sid, entry in by_update:
-            mark = "*" if sid == session.id else " "
-            label = f" ({entry['label']})" if entry.get("label") else ""
-            count = entry.get("messages")
-            print(f"  {mark} {sid}{label}  {'?' if count is None else count} messages, updated {entry.get('updated')}")
-    elif command == "/switch":
-        matches = store.find(arg) if arg else []
-        if len(matches) == 1:
-            session = store.open(matches[0])
-            print(session_line(session, "switched"))
-        elif not arg:
-            print("Usage: /switch <id, id prefix or label prefix>")
-        elif not matches:
-            print(f"No session matches {arg!r}; /list shows them.")
-        else:
-            print(f"{arg!r} matches {len(matches)} sessions: {', '.join(matches)}. Say which.")
-    elif command == "/context":
-        tokens, how = guard.count(session.messages) if session.messages else (0, "empty")
-        print(f"Context: {tokens:,} tokens ({how}) of a {CONTEXT_WINDOW:,}-token window; "
-              f"compaction at {guard.limit:,} ({COMPACT_THRESHOLD:.0%}); {len(session.messages)} messages")
-    elif command == "/compact":
-        guard.compact(session, "asked for with /compact")
-    else:
-        print(f"Unknown command {command}; /help lists the commands.")
-    return session
-
-
-def channel_command(line: str, bus: MessageBus) -> bool:
-    """The channel commands; False when the line is not one of them."""
-    command, _, arg = line.partition(" ")
-    arg = arg.strip()
-    if command == "/channels":
-        for channel in bus.channels.values():
-            error = f"; last error: {channel.last_error}" if channel.last_error else ""
-            print(f"  {channel.name:<9} {channel.state:<9} {channel.detail}{error}")
-    elif command == "/pair":
-        pair_command(arg, bus)
-    elif command == "/approvals":
-        waiting = APPROVALS.pending()
-        for request in waiting:
-            age = time.time() - request["asked"]
-            print(f"  {request['id']}  {request['who']} wants to run: {request['command']}  ({age:.0f} s ago)")
-        if not waiting:
-            print("No commands are waiting for approval.")
-    elif command in ("/approve", "/deny"):
-        request_id, _, always = arg.partition(" ")
-        answer = "deny" if command == "/deny" else "always" if always.strip() == "always" else "once"
-        request = APPROVALS.answer(request_id, answer) if request_id else None
-        if request:
-            print(f"{'Denied' if answer == 'deny' else 'Approved'} for {request['who']}: {request['command']}")
-        else:
-            print(f"No command is waiting with id {request_id!r}; /approvals lists them.")
-    else:
-        return False
-    return True
-
-
-def pair_command(arg: str, bus: MessageBus) -> None:
+def pair(repl: Repl, arg: str) -> None:
     action, _, code = arg.partition(" ")
     code = code.strip()
     if not action:
-        requests = bus.pairing.pending()
+        requests = repl.bus.pairing.pending()
         for r in requests:
             minutes = (time.time() - r["created"]) / 60
-            print(f"  {r['code']}  {r['channel']} user {r.get('name') or '?'} ({r['sender']}), "
-                  f"asked {minutes:.0f} min ago")
+            who = printable(f"{r['channel']} user {r.get('name') or '?'} ({r['sender']})")
+            print(f"  {r['code']}  {who}, asked {minutes:.0f} min ago")
         if not requests:
             print("No pairing requests.")
     elif action in ("approve", "deny") and code:
-        request = bus.pairing.answer(code, approve=action == "approve")
+        request = repl.bus.pairing.decide(code, approve=action == "approve")
+        who = printable(f"{request['channel']} user {request['sender']}") if request else ""
         if request is None:
-            print(f"No pending pairing request has the code {code!r}; /pair lists them.")
+            print(f"No pending pairing request has the code {printable(code)!r}; "
+                  "/pair lists them.")
         elif action == "deny":
-            print(f"Denied {request['channel']} user {request['sender']}.")
+            print(f"Denied {who}.")
         else:
-            print(f"Approved {request['channel']} user {request['sender']}: they can talk to the agent now.")
+            print(f"Approved {who}: they can talk to the agent now.")
             where = InboundMessage(channel=request["channel"], account="", peer=request["peer"],
                                    sender=request["sender"], text="")
-            try:
-                bus.channels[request["channel"]].send(where, "You are approved. Send your message again.")
-            except Exception as exc:
-                print(f"(could not tell them: {type(exc).__name__}: {exc})")
+            repl.bus.send_quietly(where, "You are approved. Send your message again.")
     else:
         print("Usage: /pair, /pair approve CODE, /pair deny CODE")
 
 
+def show_approvals(repl: Repl, arg: str) -> None:
+    waiting = repl.bus.approvals.pending()
+    for request in waiting:
+        age = time.time() - request["asked"]
+        print(f"  {request['id']}  {request['who']} wants to run: "
+              f"{printable(request['command'])}  ({age:.0f} s ago)")
+    if not waiting:
+        print("No commands are waiting for approval.")
+
+
+def approve_request(repl: Repl, arg: str) -> None:
+    request_id, _, always = arg.partition(" ")
+    answer = "always" if always.strip() == "always" else "once"
+    answer_request(repl, request_id, answer)
+
+
+def deny_request(repl: Repl, arg: str) -> None:
+    answer_request(repl, arg.strip(), "deny")
+
+
+def answer_request(repl: Repl, request_id: str, answer: str) -> None:
+    request = repl.bus.approvals.resolve(request_id, answer) if request_id else None
+    if request:
+        verb = "Denied" if answer == "deny" else "Approved"
+        print(f"{verb} for {request['who']}: {printable(request['command'])}")
+    else:
+        print(f"No command is waiting with id {printable(request_id)!r}; /approvals lists them.")
+
+
+# --- [s01] The REPL: one table of commands ------------------------------------
+@dataclass
+class Repl:
+    """What the REPL's commands work on."""
+    client: anthropic.Anthropic
+    session: Session
+    guard: ContextGuard
+    bus: MessageBus
+
+
+def show_help(repl: Repl, arg: str) -> None:
+    print("Commands:")
+    for name, (_, args, text) in COMMANDS.items():
+        print(f"  {f'{name} {args}'.strip():<14} {text}")
+    print("  quit, exit     leave (Ctrl-D and Ctrl-C work too)")
+    print("Anything else is sent to the model.")
+
+
+# The dispatch-table idea of s02, applied to the REPL: /name -> (handler, arguments, help).
+COMMANDS = {
+    "/new": (new_session, "[label]", "start a new session (the old one stays on disk)"),
+    "/list": (list_sessions, "", "list the sessions, newest first"),
+    "/switch": (switch_session, "X", "switch to a session by id, id prefix or label prefix"),
+    "/context": (show_context, "", "how full the model's context window is"),
+    "/compact": (compact_now, "", f"summarize all but the last {KEEP_EXCHANGES} exchanges now"),
+    "/channels": (show_channels, "", "each channel: on or off (and why), last error"),
+    "/pair": (pair, "[approve|deny CODE]", "senders waiting to be paired; approve or deny one"),
+    "/approvals": (show_approvals, "", "commands from remote chats waiting for you"),
+    "/approve": (approve_request, "ID [always]", "let a waiting command run (always: from now on)"),
+    "/deny": (deny_request, "ID", "refuse a waiting command"),
+    "/help": (show_help, "", "show this list"),
+}
+
+
+def run_command(repl: Repl, line: str) -> None:
+    name, _, arg = line.partition(" ")
+    if name not in COMMANDS:
+        print(f"Unknown command {name}; /help lists the commands.")
+        return
+    handler = COMMANDS[name][0]
+    handler(repl, arg.strip())
+
+
+def shut_down(bus: MessageBus) -> None:
+    """Deny what waits for approval, give remote turns a moment, stop the channels."""
+    for request in bus.approvals.pending():
+        bus.approvals.resolve(request["id"], "deny")  # nobody is left to answer it
+    if bus.waiting:
+        print(dim(f"(letting {plural(len(bus.waiting), 'remote conversation')} finish, "
+                  f"at most {SHUTDOWN_GRACE:g} s; Ctrl-C to stop now)"))
+    try:
+        bus.wait_until_idle(SHUTDOWN_GRACE)
+    except KeyboardInterrupt:
+        pass
+    for channel in bus.channels.values():
+        channel.stop()  # Telegram stops polling at once; the Feishu webhook closes
+    print_held_lines()
+
+
 def main() -> int:
     client = make_client()
-    WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
+    problem = prepare_folders()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # a non-UTF-8 byte becomes U+FFFD, not a crash
     print(f"{SECTION} · model {MODEL_ID} · base URL {BASE_URL or 'https://api.anthropic.com'}")
-    print(f"Workspace: {WORKSPACE_DIR} ({len(TOOLS)} tools)")
-    store = SessionStore(SESSIONS_DIR)
-    session = store.resume()
-    guard = ContextGuard(client)
+    print(f"Workspace: {WORKSPACE_DIR} ({len(TOOLS)} tools) · state: {STATE_DIR}")
+    store, guard = SessionStore(SESSIONS_ROOT / AGENT_ID), ContextGuard(client)
     channels = {"terminal": TerminalChannel(),
                 "telegram": TelegramChannel(TELEGRAM_BOT_TOKEN, TELEGRAM_API_BASE),
                 "feishu": FeishuChannel(FEISHU_APP_ID, FEISHU_APP_SECRET, FEISHU_VERIFICATION_TOKEN,
-                                        FEISHU_WEBHOOK_PORT, FEISHU_API_BASE or FEISHU_API_BASES.get(FEISHU_DOMAIN, ""))}
-    bus = MessageBus(client, store, guard, channels, Pairing({"telegram": TELEGRAM_ALLOW_FROM,
-                                                             "feishu": FEISHU_ALLOW_FROM}))
+                                        FEISHU_WEBHOOK_PORT,
+                                        FEISHU_API_BASE or FEISHU_API_BASES.get(FEISHU_DOMAIN, ""))}
+    pairing = Pairing({"telegram": allow_list("TELEGRAM_ALLOW_FROM"),
+                       "feishu": allow_list("FEISHU_ALLOW_FROM")})
+    bus = MessageBus(client, store, guard, channels, pairing, ApprovalQueue())
     for channel in channels.values():
         channel.start(bus.publish)
     print("Channels: " + " · ".join(channel.status() for channel in channels.values()))
-    print(session_line(session, "resumed" if session.messages else "new"))
+    repl = Repl(client, store.resume(), guard, bus)
+    print(session_line(repl.session, "resumed" if repl.session.messages else "new"))
     print("Type a message, /help for commands, quit to leave.")
     while True:
         print_held_lines()
@@ -1819,27 +2205,11 @@ def main() -> int:
             continue
         if user_text.lower() in ("quit", "exit"):
             break
-        if user_text == "/help":
-            print(HELP)
-            continue
-        if user_text.startswith("/") and channel_command(user_text, bus):
-            continue
         if user_text.startswith("/"):
-            session = run_command(user_text, session, guard)
+            run_command(repl, user_text)
             continue
-        agent_turn(client, session, user_text, guard)
-    for request in APPROVALS.pending():
-        APPROVALS.answer(request["id"], "deny")  # nobody is left to answer it
-    if bus.waiting:
-        print(dim(f"(letting {len(bus.waiting)} remote conversation(s) finish, at most {SHUTDOWN_GRACE:g} s; "
-                  "Ctrl-C to stop now)"))
-    try:
-        bus.wait_until_idle(SHUTDOWN_GRACE)
-    except KeyboardInterrupt:
-        pass
-    for channel in channels.values():
-        channel.stop()  # Telegram stops polling at once; the Feishu webhook closes
-    print_held_lines()
+        agent_turn(client, repl.session, user_text, repl.guard)
+    shut_down(bus)
     print("Bye.")
     return 0
 
