@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
-import shutil
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from itertools import count
@@ -103,8 +107,37 @@ def main_store(module):
     return module.SessionStore(module.SESSIONS_ROOT / module.AGENT_ID)
 
 
+# The tracked sample files of workspace/, and nothing else: a test never sees what a learner
+# made while following the lessons (tests/test_repo.py checks this list against git).
+SAMPLE_FILES = ("AGENTS.md", "BOOTSTRAP.md", "CRON.json", "HEARTBEAT.md", "IDENTITY.md", "MEMORY.md",
+                "SOUL.md", "TOOLS.md", "USER.md", "skills/example-skill/SKILL.md")
+
+
+_samples: dict[str, bytes] = {}
+
+
+def sample_bytes(name: str) -> bytes:
+    """A sample file as committed (git's copy, so a learner's edits to workspace/ never reach a
+    test), or the file on disk where there is no git checkout (an unpacked archive)."""
+    if not _samples:
+        names = "".join(f"HEAD:workspace/{n}\n" for n in SAMPLE_FILES).encode()
+        try:
+            out = subprocess.run(["git", "cat-file", "--batch"], input=names, cwd=REPO,
+                                 capture_output=True, check=True).stdout
+            for n in SAMPLE_FILES:
+                header, _, out = out.partition(b"\n")
+                size = int(header.split()[2])
+                _samples[n], out = out[:size], out[size + 1:]
+        except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
+            _samples.update({n: (WORKSPACE_SAMPLE / n).read_bytes() for n in SAMPLE_FILES})
+    return _samples[name]
+
+
 def copy_workspace(dest: Path) -> Path:
-    shutil.copytree(WORKSPACE_SAMPLE, dest, ignore=shutil.ignore_patterns(".state", "memory"))
+    """A fresh workspace holding the tracked samples only, as committed."""
+    for name in SAMPLE_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(sample_bytes(name))
     return dest
 
 
@@ -143,11 +176,52 @@ def rebuild_transcript(stdout: str, inputs: list[str]) -> str:
 
 def run_section(path: Path, inputs: list[str], env: dict[str, str], timeout: float = 60,
                 cwd: Path | None = None) -> Run:
-    """Run a section file with piped input from another directory, as a learner could."""
-    proc = subprocess.run([sys.executable, str(path)], input="".join(line + "\n" for line in inputs),
-                          capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=str(cwd or Path(env["WORKSPACE_DIR"]).parent), encoding="utf-8")
-    return Run(proc.returncode, proc.stdout, proc.stderr, rebuild_transcript(proc.stdout, inputs))
+    """Run a section file with piped input from another directory, as a learner could: a
+    whole process of its own (forked from a warm process that imported the libraries once,
+    unless WARM_RUNS=0)."""
+    cwd = cwd or Path(env["WORKSPACE_DIR"]).parent
+    stdin = "".join(line + "\n" for line in inputs)
+    if os.environ.get("WARM_RUNS") == "0":
+        proc = subprocess.run([sys.executable, str(path)], input=stdin, capture_output=True,
+                              text=True, env=env, timeout=timeout, cwd=str(cwd), encoding="utf-8")
+        return Run(proc.returncode, proc.stdout, proc.stderr, rebuild_transcript(proc.stdout, inputs))
+    code, stdout, stderr = WARM.run(path, stdin, env, cwd, timeout)
+    return Run(code, stdout, stderr, rebuild_transcript(stdout, inputs))
+
+
+class WarmProcess:
+    """tests/warm.py, started once per test worker; run() forks it for each section run."""
+
+    def __init__(self):
+        self.proc = None
+        self.lock = threading.Lock()
+
+    def run(self, path: Path, stdin: str, env: dict, cwd: Path, timeout: float):
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            files = {name: Path(tmp) / name for name in ("stdin", "stdout", "stderr")}
+            files["stdin"].write_text(stdin, encoding="utf-8")
+            for name in ("stdout", "stderr"):
+                files[name].touch()
+            if self.proc is None or self.proc.poll() is not None:
+                clean = {k: v for k, v in os.environ.items() if k not in SDK_VARS}
+                self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm.py")],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             text=True, env=clean, cwd=str(REPO))
+            job = {"path": str(path), "env": env, "cwd": str(cwd),
+                   **{name: str(file) for name, file in files.items()}}
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                os.kill(pid, signal.SIGKILL)  # a hung section: its status line follows
+                self.proc.stdout.readline()
+                raise subprocess.TimeoutExpired(str(path), timeout)
+            code = json.loads(self.proc.stdout.readline())["status"]
+            return (code, files["stdout"].read_text(encoding="utf-8"),
+                    files["stderr"].read_text(encoding="utf-8"))
+
+
+WARM = WarmProcess()
 
 
 def drive_repl(module, inputs: list[str], monkeypatch, capsys) -> tuple[int, str]:

@@ -1,66 +1,236 @@
-"""Print the "Try it" transcript of a section, as tests/test_lessons.py checks it.
+"""Play a lesson's "Try it" and print what the terminals show, as tests/test_lessons.py checks it.
 
-Usage: python tests/make_transcript.py s01           print it
-       python tests/make_transcript.py s01 --write   put it into the lesson's Try it block
+Usage: python tests/make_transcript.py s01              print it
+       python tests/make_transcript.py s01 --write      put it into the lesson's Try it blocks
+       python tests/make_transcript.py --all --in-place
+             play every lesson in this repository's own workspace/ and state folder, exactly
+             as a learner would (used by tests/test_learner_path.py on a copy of the repository)
+
+A script (tests/transcripts.py) lists runs of the section; each run is a list of steps:
+a string is typed at the section's prompt; a callable gets what the section printed so far
+and returns the line to type; ("say", text) is sent by the person in the fake chat, who then
+waits for the bot's reply; ("say_no_reply", text) does not wait; ("wait", text) waits until
+the section has printed text. A script with "chat": "telegram" runs the section against the
+fake Bot API, and the Try it shows that chat's terminal as a block of its own.
 """
+from __future__ import annotations
+
 import re
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_anthropic import FakeAnthropic  # noqa: E402
-from harness import REPO, copy_workspace, isolated_env, run_section, section_files  # noqa: E402
-from transcripts import SHOWN_BASE_URL, SHOWN_GATEWAY_PORT, SHOWN_TOKEN, SHOWN_WORKSPACE, TRANSCRIPTS  # noqa: E402
+from fake_telegram import (DEFAULT_PORT, SCRIPT_TOKEN, SCRIPT_USERNAME,  # noqa: E402
+                           FakeTelegram, TelegramUser)
+from harness import PROMPTS, REPO, copy_workspace, isolated_env, section_files  # noqa: E402
+from transcripts import (SHOWN_BASE_URL, SHOWN_GATEWAY_PORT, SHOWN_PAIRING_CODE,  # noqa: E402
+                         SHOWN_TOKEN, SHOWN_WORKSPACE, TRANSCRIPTS)
 
 
-def make_transcript(section: str) -> str:
+SHOWN_PORTS: dict[int, int] = {}  # a fake's port in this run -> the one a learner has
+
+
+class Section:
+    """A section running as a learner runs it, typed at line by line: each line is sent
+    when the section waits at a prompt, so the transcript puts it where a terminal would."""
+
+    def __init__(self, path: Path, env: dict, cwd: Path):
+        self.proc = subprocess.Popen([sys.executable, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     cwd=str(cwd), text=True, encoding="utf-8", bufsize=0)
+        self.out, self.typed, self.changed = "", [], threading.Condition()
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self) -> None:
+        while True:
+            piece = self.proc.stdout.read(1)
+            with self.changed:
+                if not piece:
+                    self.changed.notify_all()
+                    return
+                self.out += piece
+                self.changed.notify_all()
+
+    def wait_for(self, condition, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not condition(self.out):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and not self.reader.is_alive():
+                    raise TimeoutError(f"waited for {what}; the section printed:\n{self.out}")
+                self.changed.wait(min(left, 0.2))
+
+    def at_prompt(self, out: str) -> bool:
+        """Waiting at a prompt that nothing was typed at yet."""
+        last = self.typed[-1][0] if self.typed else -1
+        return out.endswith(PROMPTS) and len(out) > last
+
+    def type(self, line: str) -> None:
+        self.wait_for(self.at_prompt, "a prompt")
+        time.sleep(0.05)  # let lines that are on their way land before the typed one
+        self.wait_for(self.at_prompt, "a prompt")
+        with self.changed:
+            self.typed.append((len(self.out), line))
+        self.proc.stdin.write(line + "\n")
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        self.proc.stdin.close()
+        code = self.proc.wait(timeout)
+        self.reader.join(5)
+        return code, self.proc.stderr.read()
+
+    def transcript(self) -> str:
+        """The output with each typed line after its prompt. A prompt that was drawn again
+        below a background line, with nothing typed at it, disappears, as it does in a
+        terminal (where the line is printed over it)."""
+        parts, start = [], 0
+        typed_at = dict(self.typed)
+        for match in re.finditer("|".join(re.escape(p) for p in PROMPTS), self.out):
+            end = match.end()
+            if end in typed_at:
+                parts.append(self.out[start:end] + typed_at[end] + "\n")
+                start = end
+            elif self.out.startswith("\n", end):
+                parts.append(self.out[start:match.start()])
+                start = end + 1
+        parts.append(self.out[start:])
+        return "".join(parts)
+
+
+def play(script: dict, path: Path, env: dict, cwd: Path, shown_command: str) -> list[str]:
+    """Run the script's runs; return the blocks a lesson shows (the section's, then a chat's)."""
+    tg = user = None
+    blocks, chat_block = [], []
+    if script.get("chat") == "telegram":
+        tg = FakeTelegram(SCRIPT_TOKEN, SCRIPT_USERNAME).start()
+        SHOWN_PORTS[tg.http.port] = DEFAULT_PORT
+        user = TelegramUser(tg, show_typing=False)
+        env = dict(env, **user.env())
+        chat_block.append("$ python tests/fake_telegram.py")
+        user.show_banner()
+    try:
+        for steps in script["runs"]:
+            section = Section(path, env, cwd)
+            if user:
+                section.wait_for(lambda out: "Type a message" in out, "the banner")
+                user.wait_for_gateway()
+            for step in steps:
+                if isinstance(step, str):
+                    section.type(step)
+                elif callable(step):
+                    section.wait_for(section.at_prompt, "a prompt")
+                    section.type(step(section.out))
+                elif step[0] in ("say", "say_no_reply"):
+                    user.say(step[1])
+                    if step[0] == "say":
+                        user.wait_for_reply()
+                elif step[0] == "wait":
+                    section.wait_for(lambda out, text=step[1]: text in out, repr(step[1]))
+                elif step[0] == "reply":
+                    user.wait_for_reply()
+            code, err = section.finish()
+            if code != 0 or "Traceback" in err:
+                raise RuntimeError(f"{path.name} exited {code}:\n{err}")
+            blocks.append(shown_command + "\n" + section.transcript().rstrip("\n"))
+    finally:
+        if tg:
+            tg.stop()
+    if user:
+        chat_block.append(user.transcript.rstrip("\n"))
+        return ["\n".join(blocks), "\n".join(chat_block)]
+    return ["\n".join(blocks)]
+
+
+def make_transcript(section: str, in_place: bool = False) -> list[str]:
+    """The Try it blocks of one lesson, as they are shown (or, in_place, just played)."""
     path = next(p for p in section_files() if p.name.startswith(section))
     script = TRANSCRIPTS[section]
-    command = f"$ python {path.relative_to(REPO)}"
     api = FakeAnthropic().start()
-    parts = []
+    api.script(*script["steps"])
     try:
-        api.script(*script["steps"])
         with tempfile.TemporaryDirectory() as tmp:
-            workspace = copy_workspace(Path(tmp) / "workspace")
-            env = isolated_env(workspace, api.base_url, **script["env"])
+            if in_place:  # the repository's own workspace and state folder, as a learner has
+                workspace, state, cwd = REPO / "workspace", REPO / ".state", REPO
+                env = isolated_env(workspace, api.base_url, **script.get("env", {}))
+                env.update(WORKSPACE_DIR="", STATE_DIR="")
+            else:
+                workspace = copy_workspace(Path(tmp) / "workspace")
+                state, cwd = Path(tmp) / "state", REPO
+                env = isolated_env(workspace, api.base_url, **script.get("env", {}))
+            shown_env = " ".join(f"{k}={v}" for k, v in script.get("shown_env", {}).items())
+            command = f"$ {shown_env + ' ' if shown_env else ''}python {path.relative_to(REPO)}"
+            setup = []
             for name, content in script.get("files", {}).items():  # files the learner wrote first
-                (workspace / name).write_text(content)
-                parts.append(f"$ cat workspace/{name}\n" + content.rstrip("\n"))
-            for inputs in script.get("runs") or [script["inputs"]]:
-                run = run_section(path, inputs, env, cwd=REPO)
-                parts.append(command + "\n" + run.transcript.rstrip("\n"))
-            for shown in sorted(workspace.glob(script.get("show", "-"))):
-                parts.append(f"$ cat workspace/{shown.relative_to(workspace)}\n" + shown.read_text().rstrip("\n"))
-            text = "\n".join(parts).replace(str(workspace), SHOWN_WORKSPACE)
+                folder, _, rest = name.partition("/")
+                target = {".state": state, "workspace": workspace}[folder] / rest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content)
+                setup.append(f"$ cat > {name} <<'EOF'\n{content}EOF")
+            blocks = play(script, path, env, cwd, command)
+            if setup:
+                blocks[0] = "\n".join(setup) + "\n" + blocks[0]
+            for shown in sorted(state.glob(script.get("show", "-"))):
+                blocks[0] += f"\n$ cat .state/{shown.relative_to(state)}\n" + \
+                    shown.read_text().rstrip("\n")
+            return [normalize(block, workspace, api.base_url) + "\n" for block in blocks]
     finally:
         api.stop()
-    text = text.replace(api.base_url, SHOWN_BASE_URL)
-    # From s05 on the gateway listens on a free port with a fresh token: show the defaults instead.
-    text = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{SHOWN_GATEWAY_PORT}", text)
+
+
+def normalize(text: str, workspace: Path, base_url: str) -> str:
+    """What differs from run to run, shown as fixed example values."""
+    text = text.replace(str(workspace.parent / "state"), SHOWN_WORKSPACE.rsplit("/", 1)[0] +
+                        "/.state")
+    text = text.replace(str(REPO / ".state"), SHOWN_WORKSPACE.rsplit("/", 1)[0] + "/.state")
+    text = text.replace(str(workspace), SHOWN_WORKSPACE).replace(base_url, SHOWN_BASE_URL)
+    # The fakes and the gateway listen on free ports with fresh tokens in a test.
+    text = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{shown_port(int(m.group(1)))}", text)
     text = re.sub(r"#token=[\w-]+", f"#token={SHOWN_TOKEN}", text)
+    text = re.sub(r"(pairing code is |/pair (?:approve|deny) |^  )[A-HJ-NP-Z2-9]{8}\b",
+                  lambda m: m.group(1) + SHOWN_PAIRING_CODE, text, flags=re.M)
     # Session ids and timestamps differ on every run: show fixed example values.
     text = re.sub(r"\b\d{8}-\d{6}-[0-9a-f]{4}\b", "20261121-093000-7f3a", text)
     text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", "2026-11-21T09:30:00+0000", text)
-    return text + "\n"
+    text = re.sub(r"updated \d{4}-\d\d-\d\d \d\d:\d\d", "updated 2026-11-21 09:30", text)
+    return text
 
 
-def write_into_lesson(section: str, transcript: str) -> Path:
-    """Replace the first ```text block under "## Try it" in the section's lesson."""
+def shown_port(port: int) -> int:
+    """A fake's port as the learner's default; any other (the gateway's) as the gateway's."""
+    if port in (DEFAULT_PORT, SHOWN_GATEWAY_PORT):
+        return port
+    return SHOWN_PORTS.get(port, SHOWN_GATEWAY_PORT)
+
+
+def write_into_lesson(section: str, blocks: list[str]) -> Path:
+    """Replace the first ```text blocks under "## Try it" in the section's lesson."""
     lesson = next(p for p in section_files() if p.name.startswith(section)).with_suffix(".md")
     text = lesson.read_text(encoding="utf-8")
-    start = text.index("```text\n", text.index("## Try it")) + len("```text\n")
-    end = text.index("```", start)
-    lesson.write_text(text[:start] + transcript + text[end:], encoding="utf-8")
+    position = text.index("## Try it")
+    for block in blocks:
+        start = text.index("```text\n", position) + len("```text\n")
+        end = text.index("```", start)
+        text = text[:start] + block + text[end:]
+        position = start + len(block) + 3
+    lesson.write_text(text, encoding="utf-8")
     return lesson
 
 
 if __name__ == "__main__":
-    transcript = make_transcript(sys.argv[1])
+    if "--all" in sys.argv:
+        for path in section_files():
+            make_transcript(path.name[:3], in_place="--in-place" in sys.argv)
+        sys.exit(0)
+    made = make_transcript(sys.argv[1])
     if "--write" in sys.argv:
-        print(f"wrote the Try it block of {write_into_lesson(sys.argv[1], transcript)}")
+        print(f"wrote the Try it blocks of {write_into_lesson(sys.argv[1], made)}")
     else:
-        print(transcript, end="")
+        print("\n".join(made), end="")

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from harness import REPO, WORKSPACE_SAMPLE, env_example_names, section_files
+from harness import REPO, SAMPLE_FILES, env_example_names, sample_bytes, section_files
 
 # Conventions the sections honour but that are not project settings.
 CONVENTIONS = {"NO_COLOR"}
@@ -86,11 +86,11 @@ def test_no_section_imports_another_file_of_the_project():
 def test_workspace_samples_exist():
     for name in ("SOUL.md", "IDENTITY.md", "TOOLS.md", "USER.md", "HEARTBEAT.md", "BOOTSTRAP.md", "AGENTS.md",
                  "MEMORY.md", "CRON.json", "skills/example-skill/SKILL.md"):
-        assert (WORKSPACE_SAMPLE / name).read_text(encoding="utf-8").strip(), name
+        assert sample_bytes(name).decode("utf-8").strip(), name
 
 
 def test_sample_skill_has_name_and_description():
-    text = (WORKSPACE_SAMPLE / "skills/example-skill/SKILL.md").read_text(encoding="utf-8")
+    text = sample_bytes("skills/example-skill/SKILL.md").decode("utf-8")
     front = text.split("---")[1]
     assert re.search(r"^name: example-skill$", front, flags=re.M)
     assert re.search(r"^description: \S", front, flags=re.M)
@@ -98,7 +98,7 @@ def test_sample_skill_has_name_and_description():
 
 def test_sample_cron_jobs_are_valid_and_none_is_in_the_past():
     from croniter import croniter
-    jobs = json.loads((WORKSPACE_SAMPLE / "CRON.json").read_text(encoding="utf-8"))["jobs"]
+    jobs = json.loads(sample_bytes("CRON.json"))["jobs"]
     assert {job["schedule"]["kind"] for job in jobs} == {"at", "every", "cron"}
     assert len({job["id"] for job in jobs}) == len(jobs)
     for job in jobs:
@@ -115,6 +115,13 @@ def test_sample_cron_jobs_are_valid_and_none_is_in_the_past():
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs a git checkout")
+def test_tests_copy_exactly_the_tracked_sample_files():
+    tracked = subprocess.run(["git", "ls-files", "workspace"], cwd=REPO, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(f"workspace/{name}" for name in SAMPLE_FILES) == sorted(tracked)
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs a git checkout")
 def test_tracked_files_include_no_state_or_secrets():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert ".env" not in tracked
@@ -126,7 +133,7 @@ def test_tools_md_describes_only_tools_that_exist():
     sections = [p for p in section_files() if p.name >= "s02"]
     if not sections:
         pytest.skip("no section with tools yet")
-    text = (WORKSPACE_SAMPLE / "TOOLS.md").read_text(encoding="utf-8")
+    text = sample_bytes("TOOLS.md").decode("utf-8")
     named = set(re.findall(r"^- `(\w+)`", text, flags=re.M))
     source = sections[-1].read_text(encoding="utf-8")
     tree = ast.parse(source)

@@ -1,79 +1,99 @@
 """The "Try it" runs shown in each lesson, as scripts the tests can replay.
 
-Each entry: what the learner types ("inputs", or "runs": one list of inputs
-per start of the section, all in one workspace), what the (fake) model
-answers, any environment the run needs, and files to show at the end. tests/test_lessons.py runs the section with this
-script and requires the lesson's "Try it" block to equal the output, so the
-transcript in a lesson is one that really happens.
+Each entry: the runs of the section (each a list of steps: what the learner types, or
+what a person does in the fake chat; see tests/make_transcript.py), what the (fake) model
+answers, the environment the run needs, files the learner writes first, and state files
+to show at the end. tests/test_lessons.py plays the script and requires the lesson's
+"Try it" blocks to equal what the terminals showed, so a transcript is one that really
+happens. Token counts are the fake's own, counted the same way in every section (tools,
+system prompt and messages), never written in by hand.
 
 Print one, to paste into a lesson:  python tests/make_transcript.py s01
 """
+import re
+
 from fake_anthropic import reply, tool_use
 
-# The lesson shows the default base URL and a workspace path a learner might
-# have; the replay runs against the local fake in a temporary workspace.
+# The lesson shows the default base URL, ports and paths a learner might have; the replay
+# runs against local fakes in a temporary workspace.
 SHOWN_BASE_URL = "https://api.anthropic.com"
 SHOWN_WORKSPACE = "/home/ada/agent-gateway/workspace"
 SHOWN_GATEWAY_PORT = 18789
-SHOWN_TOKEN = "q7Vd2Lh0sXbN4kTzR9wYcA1mJ6eUfP3gHiK8oS5tWnE"  # an example: each workspace makes its own
+SHOWN_TOKEN = "q7Vd2Lh0sXbN4kTzR9wYcA1mJ6eUfP3gHiK8oS5tWnE"  # an example: each install makes its own
+SHOWN_PAIRING_CODE = "K7M3QPX2"  # codes are random; the lesson shows this one
 
 
-def said(text="", tools=None, tokens=None):
-    """A scripted reply. tokens=(in, out) fixes the usage it reports; without it
-    the fake counts a quarter of the messages' JSON, the same way its
-    count_tokens endpoint does (neither depends on the machine)."""
-    usage = {"input_tokens": tokens[0], "output_tokens": tokens[1]} if tokens else None
-    return reply(text, tools=tools, usage=usage)
+def pairing_code(out: str) -> str:
+    """The code the operator reads on the terminal, typed back to approve it."""
+    return "/pair approve " + re.findall(r"/pair approve ([A-Z2-9]{8})", out)[-1]
 
 
 TRANSCRIPTS = {
     "s01": {
-        "inputs": ["Hi! My name is Ada.", "", "What is my name?", "/help", "/history", "quit"],
+        "runs": [["Hi! My name is Ada.", "", "What is my name?", "/help", "/history", "quit"]],
         "steps": [
             reply("Hello Ada! Nice to meet you. How can I help you today?"),
             reply("Your name is Ada: you told me in your first message."),
         ],
-        "env": {},
     },
     "s02": {
-        "inputs": ["What is in my workspace?", "Make a drafts folder with a one-line plan in it.", "o",
-                   "Now show me ../.env", "quit"],
+        "runs": [["What is in my workspace?", "Make a drafts folder with a one-line plan in it.",
+                  "o", "Now show me ../.env", "quit"]],
         "steps": [
-            said("Let me look.", [tool_use("list_dir", {}, "toolu_01")], (1480, 38)),
-            said("Your workspace holds the eight prompt files (SOUL.md, IDENTITY.md, ...), "
-                 "CRON.json and a skills/ folder.", None, (1702, 31)),
-            said(tools=[tool_use("bash", {"command": "mkdir -p drafts"}, "toolu_02")], tokens=(1751, 52)),
-            said(tools=[tool_use("write_file", {"path": "drafts/plan.md",
-                                                "content": "1. Read the lessons, one section a day.\n"}, "toolu_03")],
-                 tokens=(1821, 70)),
-            said("Done: drafts/plan.md holds the plan.", None, (1913, 12)),
-            said(tools=[tool_use("read_file", {"path": "../.env"}, "toolu_04")], tokens=(1941, 44)),
-            said("I can't: ../.env is outside my workspace, and the tools refuse it.", None, (2032, 19)),
+            reply("Let me look.", tools=[tool_use("list_dir", {}, "toolu_01")]),
+            reply("Your workspace holds the eight prompt files (SOUL.md, IDENTITY.md, ...), "
+                  "CRON.json and a skills/ folder."),
+            reply(tools=[tool_use("bash", {"command": "mkdir -p drafts"}, "toolu_02")]),
+            reply(tools=[tool_use("write_file", {"path": "drafts/plan.md",
+                                                 "content": "1. Read the lessons, one a day.\n"},
+                                  "toolu_03")]),
+            reply("Done: drafts/plan.md holds the plan."),
+            reply(tools=[tool_use("read_file", {"path": "../.env"}, "toolu_04")]),
+            reply("I can't: ../.env is outside my workspace, and the tools refuse it."),
         ],
-        "env": {},
     },
     "s03": {
-        "runs": [["Remember: my project is called Lighthouse.", "Which files are in skills/?", "quit"],
-                 ["What is my project called?", "/context", "quit"]],
+        "runs": [["Remember: my project is called Lighthouse.", "Which files are in skills/?",
+                  "quit"],
+                 ["What is my project called?", "/context", "/compact", "quit"]],
         "steps": [
-            said("Noted: your project is called Lighthouse."),
-            said(tools=[tool_use("list_dir", {"path": "skills"}, "toolu_01")]),
-            said("skills/ holds one folder, example-skill/."),
-            said("Your project is called Lighthouse."),
+            reply("Noted: your project is called Lighthouse."),
+            reply(tools=[tool_use("list_dir", {"path": "skills"}, "toolu_01")]),
+            reply("skills/ holds one folder, example-skill/."),
+            reply("Your project is called Lighthouse."),
         ],
-        "env": {},
-        "show": ".state/sessions/main/*.jsonl",
+        "show": "sessions/main/*.jsonl",
     },
     "s04": {
-        "inputs": ["/channels", "Hi! Where can people reach you?", "/pair", "/approvals", "/approve 3", "quit"],
+        "chat": "telegram",
+        "shown_env": {"TELEGRAM_BOT_TOKEN": "123456:FAKE",
+                      "TELEGRAM_API_BASE": "http://127.0.0.1:18781"},
+        "runs": [[
+            ("say", "hi"),                      # a stranger: a pairing code, nothing else
+            ("wait", "asks to talk"),
+            pairing_code,                       # the operator approves at the terminal
+            ("reply",),                         # "You are approved."
+            ("say", "What can you do?"),
+            ("wait", "replied"),
+            ("say_no_reply", "Save 'hi' in hello.txt, please."),
+            ("wait", "/approve 1"),             # the command waits for the operator
+            ("reply",),                         # "Waiting for the operator ..."
+            "/approvals",
+            "/approve 1",
+            ("reply",),                         # the answer, once the command has run
+            ("wait", "replied"),
+            "/channels",
+            "quit",
+        ]],
         "steps": [
-            said("Here in the terminal, and in Telegram or Feishu chats once the operator connects those; "
-                 "in a chat, I answer only people the operator has approved.", None, (1512, 36)),
+            reply("I can read and write files in my workspace and run commands there; "
+                  "the operator approves anything that changes something."),
+            reply(tools=[tool_use("bash", {"command": "echo hi > hello.txt"}, "toolu_01")]),
+            reply("Done: hello.txt says hi."),
         ],
-        "env": {},
     },
     "s05": {
-        "files": {"gateway.json": """{
+        "files": {".state/gateway.json": """{
   "version": 1,
   "default_agent": "main",
   "dm_scope": "per-channel-peer",
@@ -89,12 +109,12 @@ TRANSCRIPTS = {
   "identity_links": {"ada": ["telegram:42", "feishu:ou_ada"]}
 }
 """},
-        "inputs": ["/agents", "/bindings", "/route telegram 42", "/route telegram 42 - -1001", "/route telegram 7",
-                   "/route feishu ou_ada", "Hello! Which agent am I talking to?", "/gateway", "quit"],
+        "runs": [["/agents", "/bindings", "/route telegram 42", "/route telegram 42 - -1001",
+                  "/route telegram 7", "/route feishu ou_ada", "/route slack 1",
+                  "Hello! Which agent am I talking to?", "/gateway", "quit"]],
         "steps": [
-            said("Claw, the gateway's main agent: the terminal has no binding of its own, so it gets the default.",
-                 None, (1498, 24)),
+            reply("Claw, the gateway's main agent: the terminal has no binding of its own, "
+                  "so it gets the default."),
         ],
-        "env": {},
     },
 }

@@ -1392,13 +1392,15 @@ class TerminalChannel(Channel):
         print_in_background(printable(text, keep_newlines=True))
 
 
-def allow_list(variable: str) -> set[str]:
-    return {x.strip() for x in (os.getenv(variable) or "").split(",") if x.strip()}
+def allow_list(value: str | None) -> set[str]:
+    """A comma-separated setting as a set: "42, 77" -> {"42", "77"}."""
+    return {x.strip() for x in (value or "").split(",") if x.strip()}
 
 
 # --- [s04] Telegram: long polling with python-telegram-bot --------------------
 TELEGRAM_BOT_TOKEN = os.getenv("TELEGRAM_BOT_TOKEN") or ""
 TELEGRAM_API_BASE = (os.getenv("TELEGRAM_API_BASE") or "https://api.telegram.org").rstrip("/")
+TELEGRAM_ALLOW_FROM = allow_list(os.getenv("TELEGRAM_ALLOW_FROM"))  # user ids; others must pair
 TELEGRAM_POLL_TIMEOUT = 25  # seconds one getUpdates call may wait for news (long polling)
 POLL_BACKOFF_START = 1.0    # seconds to wait after a failed poll; doubled after each failure
 POLL_BACKOFF_MAX = 60.0
@@ -1535,6 +1537,7 @@ FEISHU_VERIFICATION_TOKEN = os.getenv("FEISHU_VERIFICATION_TOKEN") or ""
 FEISHU_WEBHOOK_PORT = int(os.getenv("FEISHU_WEBHOOK_PORT") or "18790")
 FEISHU_DOMAIN = os.getenv("FEISHU_DOMAIN") or "feishu"  # "lark": Feishu's international edition
 FEISHU_API_BASE = (os.getenv("FEISHU_API_BASE") or "").rstrip("/")
+FEISHU_ALLOW_FROM = allow_list(os.getenv("FEISHU_ALLOW_FROM"))  # open_ids; others must pair
 FEISHU_API_BASES = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com"}
 FEISHU_TOKEN_MARGIN = 300  # fetch a new tenant token this many seconds before the old one expires
 FEISHU_TOKEN_ERRORS = {99991661, 99991663, 99991668}  # tenant token missing, invalid or expired
@@ -2182,8 +2185,7 @@ def main() -> int:
                 "feishu": FeishuChannel(FEISHU_APP_ID, FEISHU_APP_SECRET, FEISHU_VERIFICATION_TOKEN,
                                         FEISHU_WEBHOOK_PORT,
                                         FEISHU_API_BASE or FEISHU_API_BASES.get(FEISHU_DOMAIN, ""))}
-    pairing = Pairing({"telegram": allow_list("TELEGRAM_ALLOW_FROM"),
-                       "feishu": allow_list("FEISHU_ALLOW_FROM")})
+    pairing = Pairing({"telegram": TELEGRAM_ALLOW_FROM, "feishu": FEISHU_ALLOW_FROM})
     bus = MessageBus(client, store, guard, channels, pairing, ApprovalQueue())
     for channel in channels.values():
         channel.start(bus.publish)

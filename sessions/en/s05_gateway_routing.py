@@ -1409,13 +1409,15 @@ class TerminalChannel(Channel):
         print_in_background(printable(text, keep_newlines=True))
 
 
-def allow_list(variable: str) -> set[str]:
-    return {x.strip() for x in (os.getenv(variable) or "").split(",") if x.strip()}
+def allow_list(value: str | None) -> set[str]:
+    """A comma-separated setting as a set: "42, 77" -> {"42", "77"}."""
+    return {x.strip() for x in (value or "").split(",") if x.strip()}
 
 
 # --- [s04] Telegram: long polling with python-telegram-bot --------------------
 TELEGRAM_BOT_TOKEN = os.getenv("TELEGRAM_BOT_TOKEN") or ""
 TELEGRAM_API_BASE = (os.getenv("TELEGRAM_API_BASE") or "https://api.telegram.org").rstrip("/")
+TELEGRAM_ALLOW_FROM = allow_list(os.getenv("TELEGRAM_ALLOW_FROM"))  # user ids; others must pair
 TELEGRAM_POLL_TIMEOUT = 25  # seconds one getUpdates call may wait for news (long polling)
 POLL_BACKOFF_START = 1.0    # seconds to wait after a failed poll; doubled after each failure
 POLL_BACKOFF_MAX = 60.0
@@ -1552,6 +1554,7 @@ FEISHU_VERIFICATION_TOKEN = os.getenv("FEISHU_VERIFICATION_TOKEN") or ""
 FEISHU_WEBHOOK_PORT = int(os.getenv("FEISHU_WEBHOOK_PORT") or "18790")
 FEISHU_DOMAIN = os.getenv("FEISHU_DOMAIN") or "feishu"  # "lark": Feishu's international edition
 FEISHU_API_BASE = (os.getenv("FEISHU_API_BASE") or "").rstrip("/")
+FEISHU_ALLOW_FROM = allow_list(os.getenv("FEISHU_ALLOW_FROM"))  # open_ids; others must pair
 FEISHU_API_BASES = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com"}
 FEISHU_TOKEN_MARGIN = 300  # fetch a new tenant token this many seconds before the old one expires
 FEISHU_TOKEN_ERRORS = {99991661, 99991663, 99991668}  # tenant token missing, invalid or expired
@@ -2353,7 +2356,7 @@ def probe_message(channel: str, peer: str, account: str = "",
 GATEWAY_HOST = os.getenv("GATEWAY_HOST") or "127.0.0.1"
 GATEWAY_PORT = int(os.getenv("GATEWAY_PORT") or "18789")  # 0 picks a free port
 GATEWAY_TOKEN = os.getenv("GATEWAY_TOKEN") or ""  # empty: generated once into the state folder
-GATEWAY_ALLOWED_ORIGINS = sorted(allow_list("GATEWAY_ALLOWED_ORIGINS"))
+GATEWAY_ALLOWED_ORIGINS = sorted(allow_list(os.getenv("GATEWAY_ALLOWED_ORIGINS")))
 TOKEN_FILE = STATE_DIR / "gateway-token"
 MAX_FRAME_BYTES = 256 * 1024  # a bigger frame closes the connection (1009)
 MAX_IN_FLIGHT = 16            # requests one connection may have running at once
@@ -2937,8 +2940,7 @@ def main() -> int:
                 "feishu": FeishuChannel(FEISHU_APP_ID, FEISHU_APP_SECRET, FEISHU_VERIFICATION_TOKEN,
                                         FEISHU_WEBHOOK_PORT,
                                         FEISHU_API_BASE or FEISHU_API_BASES.get(FEISHU_DOMAIN, ""))}
-    pairing = Pairing({"telegram": allow_list("TELEGRAM_ALLOW_FROM"),
-                       "feishu": allow_list("FEISHU_ALLOW_FROM")})
+    pairing = Pairing({"telegram": TELEGRAM_ALLOW_FROM, "feishu": FEISHU_ALLOW_FROM})
     bus = MessageBus(client, router, guard, channels, pairing, ApprovalQueue())
     channels["webchat"] = gateway = GatewayChannel(bus, GATEWAY_HOST, GATEWAY_PORT,
                                                    load_gateway_token())
