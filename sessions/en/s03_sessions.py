@@ -30,19 +30,17 @@ Run:  python sessions/en/s03_sessions.py
 """
 from __future__ import annotations
 
-import codecs
-import fnmatch
 import json
 import os
 import re
 import secrets
-import selectors
 import shlex
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,87 +377,55 @@ READ_MAX_BYTES = MAX_TOOL_OUTPUT  # read_file reads at most this much: a larger 
 EDIT_MAX_BYTES = 1_000_000        # edit_file reads and rewrites a whole file: not a larger one
 
 
-def open_regular_file(path: Path, raw: str) -> tuple[int, int]:
-    """Open a file to read it: (file descriptor, size). Only a regular file: reading a FIFO
-    blocks until someone writes to it, and a device may never end.
-
-    The first check gives a clear message; the second one is the guarantee. O_NONBLOCK makes
-    even the open of a FIFO return at once, and fstat() looks at what was really opened, so a
-    file swapped for a FIFO after the first check is refused all the same.
-    """
+def read_bytes(path: Path, raw: str, limit: int) -> tuple[bytes, bytes, int]:
+    """Read a regular file, at most `limit` bytes: (all of it, b"", 0), or for a larger one
+    (its head, its tail, how many bytes between them were left out). Memory stays at `limit`
+    whatever the file's size. Only a regular file: a FIFO blocks its reader until someone
+    writes, a device may never end. O_NONBLOCK makes even opening a FIFO return at once,
+    and fstat() looks at what was really opened, so a file swapped for a FIFO after
+    safe_path() is refused all the same (O_NOFOLLOW: and so is a link that appeared since)."""
+    if path.is_dir():
+        raise ToolError(f"{raw} is a directory; use list_dir")
     try:
-        mode = path.stat().st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ToolError(f"file not found: {raw}")
-    if stat.S_ISDIR(mode):
-        raise ToolError(f"{raw} is a directory; use list_dir")
-    not_regular = ToolError(f"{raw} is not a regular file (a FIFO, socket or device); "
-                            "only regular files can be read")
-    if not stat.S_ISREG(mode):
-        raise not_regular
-    # O_NOFOLLOW: safe_path() resolved every link; one that appeared since is refused.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise not_regular
-    return fd, info.st_size
-
-
-def read_head_and_tail(fd: int, size: int, limit: int) -> tuple[bytes, bytes, int]:
-    """At most `limit` bytes of an open file, which is then closed: (all of it, b"", 0) when
-    it fits, else (its head, its tail, how many bytes between them were not read). Memory
-    stays at `limit` bytes, whatever the file's size: a 2 GB sparse file included."""
     with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ToolError(f"{raw} is not a regular file (a FIFO, socket or device)")
         if size <= limit:
-            return f.read(limit), b"", 0  # a file that grew since fstat() is cut at the limit
+            return f.read(limit), b"", 0
         head = f.read(limit * 2 // 3)
         f.seek(size - limit // 3)
         tail = f.read(limit // 3)
-    return head, tail, max(0, size - len(head) - len(tail))
-
-
-def utf8_piece(data: bytes, cut_before: bool = False, cut_after: bool = False,
-               errors: str = "strict") -> str:
-    """Decode UTF-8. A piece cut out of something longer may begin or end in the middle of a
-    character: those few bytes are dropped rather than taken for an error."""
-    if cut_before:
-        start = 0
-        while start < min(3, len(data)) and 0x80 <= data[start] < 0xC0:  # continuation bytes
-            start += 1
-        data = data[start:]
-    # final=False keeps an incomplete last character back instead of failing on it.
-    return codecs.getincrementaldecoder("utf-8")(errors).decode(data, final=not cut_after)
+    return head, tail, size - len(head) - len(tail)
 
 
 def read_text(path: Path, raw: str, limit: int = EDIT_MAX_BYTES) -> str:
-    """A whole UTF-8 file as it is (\\r\\n stays \\r\\n); refuses one over `limit` bytes."""
-    fd, size = open_regular_file(path, raw)
-    if size > limit:
-        os.close(fd)
-        raise ToolError(f"{raw} is {size} bytes, larger than the {limit} bytes this tool works "
-                        "on; change it with a command instead (bash, e.g. sed)")
-    data, _, _ = read_head_and_tail(fd, size, limit)
+    """A whole UTF-8 file as it is (\r\n stays \r\n); refuses one over `limit` bytes."""
+    data, _, cut = read_bytes(path, raw, limit)
+    if cut:
+        raise ToolError(f"{raw} is larger than the {limit} bytes this tool works on; "
+                        "change it with a command instead (bash, e.g. sed)")
     try:
-        return utf8_piece(data)
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ToolError(f"{raw} is not a UTF-8 text file")
 
 
 # --- [s02] Tools: the handlers ------------------------------------------------
 def read_file(path: str) -> str:
-    target = safe_path(path)
-    fd, size = open_regular_file(target, path)
-    head, tail, cut = read_head_and_tail(fd, size, READ_MAX_BYTES)
-    try:
-        if not cut:
-            return utf8_piece(head)
-        head_text, tail_text = utf8_piece(head, cut_after=True), utf8_piece(tail, cut_before=True)
-    except UnicodeDecodeError:
+    head, tail, cut = read_bytes(safe_path(path), path, READ_MAX_BYTES)
+    # A cut falls anywhere, even inside a character: the broken bytes at its edges are dropped.
+    head_text = head.decode("utf-8", errors="replace").rstrip("\ufffd" if cut else "")
+    if "\ufffd" in head_text:
         raise ToolError(f"{path} is not a UTF-8 text file")
-    return (f"{head_text}\n\n[... {cut} of its {size} bytes left out here; read them another "
-            f"way, a part at a time: bash with grep -n WORD {path}, or head -n / tail -n ...]"
-            f"\n\n{tail_text}")
+    if not cut:
+        return head_text
+    tail_text = tail.decode("utf-8", errors="replace").lstrip("\ufffd")
+    return (f"{head_text}\n\n[... {cut} bytes left out here; read them a part at a time with "
+            f"bash: grep -n WORD {path}, or head -n / tail -n ...]\n\n{tail_text}")
 
 
 def write_file(path: str, content: str) -> str:
@@ -491,23 +457,17 @@ def edit_file(path: str, old_text: str, new_text: str) -> str:
 def describe_entry(entry: Path) -> str:
     """One line of list_dir. A link says where it leads, without following it out."""
     if entry.is_symlink():
-        try:
-            target = entry.resolve(strict=True)
-        except (OSError, RuntimeError):  # a missing target, or a loop of links
+        target = Path(os.path.realpath(entry))
+        if not target.exists():
             return f"{entry.name}  (broken link)"
         if not target.is_relative_to(WORKSPACE_DIR):
             return f"{entry.name}  (link to outside the workspace)"
-        shown = target.relative_to(WORKSPACE_DIR).as_posix() + ("/" if target.is_dir() else "")
-        return f"{entry.name}  (link to {shown})"
-    try:
-        info = entry.lstat()
-    except OSError:
-        return f"{entry.name}  (gone)"  # removed while the folder was being listed
-    if stat.S_ISDIR(info.st_mode):
+        return f"{entry.name}  (link to {target.relative_to(WORKSPACE_DIR)})"
+    if entry.is_dir():
         return f"{entry.name}/"
-    if not stat.S_ISREG(info.st_mode):
-        return f"{entry.name}  (FIFO, socket or device: not readable with read_file)"
-    return f"{entry.name}  ({info.st_size} bytes)"
+    info = entry.lstat()
+    kind = f"{info.st_size} bytes" if stat.S_ISREG(info.st_mode) else "FIFO, socket or device"
+    return f"{entry.name}  ({kind})"
 
 
 def list_dir(path: str = ".") -> str:
@@ -739,61 +699,32 @@ def is_read_only(command: str) -> bool:
 
 
 def load_approvals() -> list[dict]:
-    """The stored "always" answers: {"command": the exact text approved, "scope": who said
-    so}, or a hand-written {"pattern": "git log *", "scope": ...}. A file that is not exactly
-    that shape approves nothing: it is moved aside with one line, not lost."""
+    """The stored "always" answers: [{"command": the exact text approved, "scope": who said
+    so}]. A file of any other shape (a corrupt one, or version 1's wide globs) approves
+    nothing: it is moved aside with one line, not lost."""
     if not APPROVALS_FILE.exists():
         return []
     try:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
-    except ValueError as exc:  # not JSON, or not UTF-8
-        return move_approvals_aside("corrupt", f"is not valid JSON ({exc})")
-    if isinstance(data, dict) and data.get("version") == 1:
-        # Version 1 stored a glob made from the first two words ("rm notes.txt*"), which
-        # approved more than the person saw. Converting would keep that width: start again.
-        return move_approvals_aside("v1", "is from an older version whose entries allowed more "
-                                    "than the command that was approved")
-    entries = data.get("always") if isinstance(data, dict) and data.get("version") == 2 else None
-    if not isinstance(entries, list) or not all(is_valid_entry(e) for e in entries):
-        return move_approvals_aside(
-            "corrupt", 'is not {"version": 2, "always": [{"command" or "pattern", "scope"}...]}')
-    return entries
-
-
-def is_valid_entry(entry) -> bool:
-    """{"command": str, "scope": str} or {"pattern": str, "scope": str}, nothing else. A
-    pattern must name its program (no glob in the first word): "*" would approve anything."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("scope"), str):
-        return False
-    if set(entry) == {"command", "scope"}:
-        return isinstance(entry["command"], str) and entry["command"] != ""
-    if set(entry) == {"pattern", "scope"}:
-        pattern = entry["pattern"]
-        return isinstance(pattern, str) and re.match(r"[^\s*?\[]+(\s|$)", pattern) is not None
-    return False
-
-
-def move_approvals_aside(label: str, why: str) -> list:
-    aside = APPROVALS_FILE.with_name(f"exec-approvals.{label}-{time.time_ns()}.json")
+        entries = data["always"] if data.get("version") == 2 else None
+        if isinstance(entries, list) and all(
+                isinstance(e, dict) and set(e) == {"command", "scope"}
+                and all(isinstance(v, str) and v for v in e.values()) for e in entries):
+            return entries
+        problem = 'is not {"version": 2, "always": [{"command": ..., "scope": ...}, ...]}'
+    except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, not an object
+        problem = f"is not valid JSON ({exc})"
+    aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{time.time_ns()}.json")
     APPROVALS_FILE.replace(aside)
-    print(dim(f"[approvals] {APPROVALS_FILE} {why}; moved it to {aside.name}. Nothing is "
-              "approved \"always\" until you answer \"always\" again."))
+    print(dim(f"[approvals] {APPROVALS_FILE} {problem}; moved it to {aside.name}. "
+              "Nothing is approved until you answer \"always\" again."))
     return []
 
 
-def approves(entry: dict, command: str, scope: str) -> bool:
-    """A stored command approves exactly itself. A hand-written pattern widens on purpose, but
-    never to a command with shell operators, globs, ~ or control characters: "git log *"
-    must not let "git log; rm -r notes" through."""
-    if entry["scope"] != scope:
-        return False
-    if "command" in entry:
-        return entry["command"] == command
-    return is_plain_command(command) and fnmatch.fnmatchcase(command, entry["pattern"])
-
-
 def is_always_approved(command: str, scope: str) -> bool:
-    return any(approves(entry, command, scope) for entry in load_approvals())
+    """Only the exact command, from the same scope: "always" for `cat notes.md` never
+    covers `cat notes.md ../.env`. To trust more, add more exact commands to the file."""
+    return {"command": command, "scope": scope} in load_approvals()
 
 
 def remember_always(command: str, scope: str) -> None:
@@ -872,88 +803,46 @@ class OutputKeeper:
         self.head_limit, self.tail_limit = limit * 2 // 3, limit // 3
         self.total = 0
 
-    def add(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.head_limit - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
-            chunk = chunk[room:]
-        self.tail += chunk
-        del self.tail[:-self.tail_limit]  # keep only the last tail_limit bytes
+    def keep(self, stream) -> None:
+        """Read the stream to its end (in a thread of its own, while the command runs)."""
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            self.total += len(chunk)
+            room = self.head_limit - len(self.head)
+            self.head += chunk[:max(room, 0)]
+            self.tail += chunk[max(room, 0):]
+            del self.tail[:-self.tail_limit]  # keep only the last tail_limit bytes
 
     def text(self) -> str:
         dropped = self.total - len(self.head) - len(self.tail)
+        head, tail = (part.decode("utf-8", errors="replace") for part in (self.head, self.tail))
         if not dropped:
-            return (self.head + self.tail).decode("utf-8", errors="replace")
-        head = utf8_piece(bytes(self.head), cut_after=True, errors="replace")
-        tail = utf8_piece(bytes(self.tail), cut_before=True, errors="replace")
+            return head + tail
         return f"{head}\n\n[... {dropped} bytes cut from the middle of {self.total} ...]\n\n{tail}"
-
-
-def collect_output(proc: subprocess.Popen, output: OutputKeeper, deadline: float) -> bool:
-    """Read the command's output as it comes, until it exits (True) or the deadline (False)."""
-    stream = proc.stdout.fileno()
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        while proc.poll() is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if not selector.select(min(left, 0.1)):
-                continue
-            chunk = os.read(stream, 65536)
-            if chunk:
-                output.add(chunk)
-                continue
-            try:  # end of output, but the command still runs: wait for it
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                return False
-    return True
-
-
-def drain_output(proc: subprocess.Popen, output: OutputKeeper, grace: float) -> None:
-    """Read what is still in the pipe once the group is dead. A child that left the group
-    (setsid) can hold the pipe open: stop after `grace` seconds rather than wait for it."""
-    deadline = time.monotonic() + grace
-    stream = proc.stdout.fileno()
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0 and selector.select(left):
-            chunk = os.read(stream, 65536)
-            if not chunk:
-                return
-            output.add(chunk)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # the whole group has already gone
-        pass
 
 
 def bash(command: str, timeout: float | None = None) -> str:
     """Run a command that check_command has let through (run_tool makes sure of that)."""
     limit = min(float(timeout or BASH_TIMEOUT), BASH_MAX_TIMEOUT)
-    output = OutputKeeper(MAX_TOOL_OUTPUT)
     # A new session makes the command the leader of its own process group, so
     # one killpg() stops it and every child it started.
     proc = subprocess.Popen(["bash", "-c", command], cwd=WORKSPACE_DIR, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=child_environment(), start_new_session=True)
+    output = OutputKeeper(MAX_TOOL_OUTPUT)
+    reader = threading.Thread(target=output.keep, args=(proc.stdout,), daemon=True)
+    reader.start()
     try:
-        finished = collect_output(proc, output, time.monotonic() + limit)
-        kill_group(proc)  # after a timeout, and after an exit: nothing it started outlives it
-        drain_output(proc, output, grace=1)
-    finally:
-        kill_group(proc)  # also when Ctrl-C interrupts the reading
-        proc.stdout.close()
-        proc.wait()
-    if finished:
+        proc.wait(timeout=limit)
         status = f"exit code {proc.returncode}"
-    else:
+    except subprocess.TimeoutExpired:
         status = f"timed out after {limit:g}s; the command and its children were killed"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing it started outlives it
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    reader.join(1)  # a child that left the group (setsid) may hold the pipe: wait 1 s at most
     text = output.text()
     return f"{status}\n{text}" if text else status
 

@@ -49,9 +49,9 @@ import secrets
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -366,57 +366,133 @@ def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
     return f"{head}\n\n[... {cut} characters cut from the middle of {len(text)} ...]\n\n{tail}"
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, private: bool = True) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target:
-    a crash leaves either the old file or the new one, never half of one."""
+    a crash leaves either the old file or the new one, never half of one.
+
+    private: owner-only (0600), as the gateway's state files must be. The file tools pass
+    False: an existing file keeps its mode, a new one gets the usual mode for the umask
+    (0644 under umask 022). The text is written as it is: no newline is translated.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    mode = 0o600 if private else None
+    if not private:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)  # an existing file keeps its mode
+        except FileNotFoundError:
+            pass
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # O_EXCL: never write through something already there. 0o666 lets the umask decide,
+    # as it does for any new file; fchmod then sets the mode the file must have, if any.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def read_text(path: Path, raw: str) -> str:
-    if not path.exists():
-        raise ToolError(f"file not found: {raw}")
+READ_MAX_BYTES = MAX_TOOL_OUTPUT  # read_file reads at most this much: a larger file's head and tail
+EDIT_MAX_BYTES = 1_000_000        # edit_file reads and rewrites a whole file: not a larger one
+
+
+def read_bytes(path: Path, raw: str, limit: int) -> tuple[bytes, bytes, int]:
+    """Read a regular file, at most `limit` bytes: (all of it, b"", 0), or for a larger one
+    (its head, its tail, how many bytes between them were left out). Memory stays at `limit`
+    whatever the file's size. Only a regular file: a FIFO blocks its reader until someone
+    writes, a device may never end. O_NONBLOCK makes even opening a FIFO return at once,
+    and fstat() looks at what was really opened, so a file swapped for a FIFO after
+    safe_path() is refused all the same (O_NOFOLLOW: and so is a link that appeared since)."""
     if path.is_dir():
         raise ToolError(f"{raw} is a directory; use list_dir")
     try:
-        return path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise ToolError(f"file not found: {raw}")
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ToolError(f"{raw} is not a regular file (a FIFO, socket or device)")
+        if size <= limit:
+            return f.read(limit), b"", 0
+        head = f.read(limit * 2 // 3)
+        f.seek(size - limit // 3)
+        tail = f.read(limit // 3)
+    return head, tail, size - len(head) - len(tail)
+
+
+def read_text(path: Path, raw: str, limit: int = EDIT_MAX_BYTES) -> str:
+    """A whole UTF-8 file as it is (\r\n stays \r\n); refuses one over `limit` bytes."""
+    data, _, cut = read_bytes(path, raw, limit)
+    if cut:
+        raise ToolError(f"{raw} is larger than the {limit} bytes this tool works on; "
+                        "change it with a command instead (bash, e.g. sed)")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ToolError(f"{raw} is not a UTF-8 text file")
 
 
 # --- [s02] Tools: the handlers ------------------------------------------------
 def read_file(path: str) -> str:
-    return truncate(read_text(safe_path(path), path))
+    head, tail, cut = read_bytes(safe_path(path), path, READ_MAX_BYTES)
+    # A cut falls anywhere, even inside a character: the broken bytes at its edges are dropped.
+    head_text = head.decode("utf-8", errors="replace").rstrip("\ufffd" if cut else "")
+    if "\ufffd" in head_text:
+        raise ToolError(f"{path} is not a UTF-8 text file")
+    if not cut:
+        return head_text
+    tail_text = tail.decode("utf-8", errors="replace").lstrip("\ufffd")
+    return (f"{head_text}\n\n[... {cut} bytes left out here; read them a part at a time with "
+            f"bash: grep -n WORD {path}, or head -n / tail -n ...]\n\n{tail_text}")
 
 
 def write_file(path: str, content: str) -> str:
     target = safe_path(path)
     if target.is_dir():
         raise ToolError(f"{path} is a directory")
-    write_atomic(target, content)
+    write_atomic(target, content, private=False)
     return f"wrote {len(content.encode('utf-8'))} bytes to {path}"
 
 
 def edit_file(path: str, old_text: str, new_text: str) -> str:
     target = safe_path(path)
-    text = read_text(target, path)
+    text = read_text(target, path, EDIT_MAX_BYTES)
     count = text.count(old_text) if old_text else 0
+    if count == 0 and "\r\n" in text and "\n" in old_text and "\r" not in old_text:
+        # Windows line endings: the model quotes lines with \n. Match them as \r\n, and give
+        # the new text the same endings, so the file keeps one style.
+        old_text, new_text = (re.sub(r"(?<!\r)\n", "\r\n", t) for t in (old_text, new_text))
+        count = text.count(old_text)
     if count == 0:
         raise ToolError(f"old_text not found in {path}; read the file and quote it exactly")
     if count > 1:
         raise ToolError(f"old_text occurs {count} times in {path}; "
                         "include more context so it is unique")
-    write_atomic(target, text.replace(old_text, new_text, 1))
+    write_atomic(target, text.replace(old_text, new_text, 1), private=False)
     return f"edited {path}: replaced 1 occurrence"
+
+
+def describe_entry(entry: Path) -> str:
+    """One line of list_dir. A link says where it leads, without following it out."""
+    if entry.is_symlink():
+        target = Path(os.path.realpath(entry))
+        if not target.exists():
+            return f"{entry.name}  (broken link)"
+        if not target.is_relative_to(WORKSPACE_DIR):
+            return f"{entry.name}  (link to outside the workspace)"
+        return f"{entry.name}  (link to {target.relative_to(WORKSPACE_DIR)})"
+    if entry.is_dir():
+        return f"{entry.name}/"
+    info = entry.lstat()
+    kind = f"{info.st_size} bytes" if stat.S_ISREG(info.st_mode) else "FIFO, socket or device"
+    return f"{entry.name}  ({kind})"
 
 
 def list_dir(path: str = ".") -> str:
@@ -427,34 +503,121 @@ def list_dir(path: str = ".") -> str:
     for entry in sorted(target.iterdir()):
         if entry.name == ".env":
             continue  # secrets: not even the name is shown
-        if entry.is_dir():
-            lines.append(f"{entry.name}/")
-        else:
-            lines.append(f"{entry.name}  ({entry.stat().st_size} bytes)")
+        lines.append(describe_entry(entry))
     return "\n".join(lines) or "(empty)"
 
 
 # --- [s02] Exec approvals -----------------------------------------------------
 APPROVALS_FILE = STATE_DIR / "exec-approvals.json"
 APPROVAL_PROMPT = "  Allow? [o]nce / [a]lways / [d]eny > "
-# Commands that only read. They run without asking, but only in their plain
-# form: no shell operators or globs, and every argument that could be a path
-# must pass the same safe_path() check as the file tools. `cat ../.env` is a
-# read, and exactly what must not happen; so is `cat link/secret` when "link"
-# is a symlink that points out of the workspace.
-READ_ONLY_COMMANDS = {"ls", "cat", "head", "tail", "wc", "grep", "pwd", "echo", "date", "stat", "du", "file"}
-SHELL_OPERATORS = re.compile(r"[;&|<>`$(){}\n\\]")
+ANSWERS = {"o": "once", "once": "once", "a": "always", "always": "always",
+           "d": "deny", "deny": "deny"}
+# Characters that make a command line more than one plain program with plain words: shell
+# operators, expansions, quoting by backslash, comments (#) and negation (!).
+SHELL_OPERATORS = re.compile(r"[;&|<>`$(){}\n\\#!]")
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
-LINK_FOLLOWING_FLAGS = {"-R", "-L", "--dereference", "--dereference-recursive"}
+NUMBER = re.compile(r"[+-]?[0-9]+[A-Za-z]{0,3}")  # 5, +5, -5, 10K, 2MiB: counts and sizes
+
+
+def printable(text: str) -> str:
+    """Text that is safe to show at a terminal. Every character Python does not call printable
+    (C0 and C1 controls, DEL, bidi overrides such as U+202E, zero-width and other format
+    characters, line and paragraph separators, spaces other than " ") is shown as its escape,
+    the way repr() writes it: a newline as \\n, ESC as \\x1b, U+202E as \\u202e. Text from the
+    model or from a command can then never move the cursor, erase a line or reorder what the
+    person reads, and what they see is what would run."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+@dataclass(frozen=True)
+class ReadOnlyProgram:
+    """One entry of the allow list: how a program may be called to run without asking.
+
+    options: every option it may take, spelled out in full (an abbreviation of a long option
+    is not on the list), each with the kind of value it takes: None (no value), "number",
+    "text", "pattern" (grep's) or "path". None instead of a table: the program reads no
+    options at all (echo: every word is text). operands: what its other words are: "path",
+    "text", "+format" (date), or None when it takes none. pattern_first: the first operand
+    is the pattern unless -e gave one (grep). dash_number: -NUM is a count (head -5).
+    Anything else (an option not listed, a value of the wrong kind, a path outside the
+    workspace, a FIFO) means "ask the person", never "run".
+
+    Why this is still not a sandbox: it only decides which commands may run *without
+    asking*. Whatever the person approves runs with all of their rights: it can read
+    ~/.ssh, reach the network or delete the workspace. And even a command let through here
+    is checked before it runs, not while it runs: between safe_path() resolving a path and
+    the program opening it, another process could swap a folder for a symlink that points
+    out (a race no check made in advance can close), and a hard link inside the workspace
+    looks like any other file. A boundary that holds is enforced by the kernel while the
+    command runs: a container, or bubblewrap (a mount namespace in which only the workspace
+    exists), or Landlock (the process itself gives up access to every path but the
+    workspace, for it and every child) would hold even for an approved command.
+    """
+    options: dict | None
+    operands: str | None
+    pattern_first: bool = False
+    dash_number: bool = False
+
+
+def option_table(spec: str) -> dict[str, str | None]:
+    """'-n=number --lines=number -q' -> {'-n': 'number', '--lines': 'number', '-q': None}"""
+    return {name: kind or None for name, _, kind in (word.partition("=") for word in spec.split())}
+
+
+COUNT_OPTIONS = ("-n=number --lines=number -c=number --bytes=number -q --quiet --silent "
+                 "-v --verbose -z --zero-terminated")
+# The programs that run without asking, with every option each may take (GNU coreutils, grep
+# and file). Left out on purpose, so they ask: recursion (ls -R, grep -r/-R, du -a), link
+# following (-L, --dereference, ls -H), options that read a list of names or patterns from a
+# file (date -f, file -f, grep -f, wc/du --files0-from, du -X), tail -f and --retry (they
+# never end), date -s and a date operand (they set the clock), date -d (TZ="file" in its text
+# opens a file), file -m/-C/-z (a magic file to load or write, decompressors to run).
+READ_ONLY_PROGRAMS = {
+    "ls": ReadOnlyProgram(option_table(
+        "-a --all -A --almost-all -l -h --human-readable -1 -d --directory -F --classify -p "
+        "-t -S -r --reverse -i --inode -s --size -n --numeric-uid-gid -g -o -G --no-group "
+        "-c -u -U -v -X -b --escape -N --literal -Q --quote-name"), "path"),
+    "cat": ReadOnlyProgram(option_table(
+        "-A --show-all -b --number-nonblank -e -E --show-ends -n --number -s --squeeze-blank "
+        "-t -T --show-tabs -u -v --show-nonprinting"), "path"),
+    "head": ReadOnlyProgram(option_table(COUNT_OPTIONS), "path", dash_number=True),
+    "tail": ReadOnlyProgram(option_table(COUNT_OPTIONS), "path", dash_number=True),
+    "wc": ReadOnlyProgram(option_table(
+        "-c --bytes -m --chars -l --lines -L --max-line-length -w --words"), "path"),
+    "grep": ReadOnlyProgram(option_table(
+        "-e=pattern --regexp=pattern -i --ignore-case -v --invert-match -w --word-regexp "
+        "-x --line-regexp -F --fixed-strings -E --extended-regexp -G --basic-regexp "
+        "-n --line-number -c --count -l --files-with-matches -L --files-without-match "
+        "-H --with-filename -h --no-filename -o --only-matching -q --quiet --silent "
+        "-s --no-messages -b --byte-offset -I -a --text -m=number --max-count=number "
+        "-A=number --after-context=number -B=number --before-context=number "
+        "-C=number --context=number"), "path", pattern_first=True, dash_number=True),
+    "pwd": ReadOnlyProgram({}, None),
+    "echo": ReadOnlyProgram(None, "text"),
+    "date": ReadOnlyProgram(option_table(
+        "-u --utc --universal -R --rfc-email -r=path --reference=path"), "+format"),
+    "stat": ReadOnlyProgram(option_table(
+        "-c=text --format=text --printf=text -t --terse -f --file-system"), "path"),
+    "du": ReadOnlyProgram(option_table(
+        "-s --summarize -h --human-readable --si -c --total -k -m -b --apparent-size "
+        "-x --one-file-system -d=number --max-depth=number"), "path"),
+    "file": ReadOnlyProgram(option_table(
+        "-b --brief -i --mime --mime-type --mime-encoding -h --no-dereference "
+        "-k --keep-going -N --no-pad"), "path"),
+}
 # Refused outright, whatever the person answers. A denylist is not a security
 # boundary (there are endless ways to spell a command); it only catches the
-# obvious disasters. The boundary is the approval prompt.
+# obvious disasters. The boundary is the approval prompt. Each reason completes
+# the sentence "refused: this command ...".
 DANGEROUS_PATTERNS = [
-    (r"\brm\s+(-\w*\s+)*-\w*[rR]\w*\s+(-\w+\s+)*(/|~|\*|\.{1,2}/?)(\s|$)", "recursive delete of /, ~, . or *"),
+    (r"\brm\s+(-\w*\s+)*-\w*[rR]\w*\s+(-\w+\s+)*(/|~|\*|\.{1,2}/?)(\s|$)",
+     "deletes /, ~, . or * recursively"),
     (r"\bmkfs(\.\w+)?\b", "formats a file system"),
     (r"\bdd\b.*\bof=/dev/", "writes a raw device"),
     (r">\s*/dev/(sd|nvme|hd|disk)", "overwrites a disk device"),
-    (r":\(\)\s*\{\s*:\|:&\s*\};:", "fork bomb"),
+    (r":\(\)\s*\{\s*:\|:&\s*\};:", "starts a fork bomb"),
     (r"\b(shutdown|reboot|halt|poweroff)\b", "stops the machine"),
     (r"\b(curl|wget)\b[^|]*\|\s*(sudo\s+)?(ba|z)?sh\b", "runs a script straight from the network"),
     (r"\bchmod\s+(-\w+\s+)*-R\s+\d*7\d*\s+/", "opens up permissions across the system"),
@@ -468,45 +631,124 @@ def dangerous_reason(command: str) -> str | None:
     return None
 
 
+def is_plain_command(command: str) -> bool:
+    """No shell operators, globs, ~ or characters that are not printable: what is left is
+    split into words by bash exactly as shlex.split() splits it."""
+    return (command.isprintable() and "~" not in command
+            and not SHELL_OPERATORS.search(command) and not GLOB_CHARACTERS.search(command))
+
+
+def parse_arguments(program: ReadOnlyProgram, words: list[str]) -> list[tuple[str, str]] | None:
+    """Read a program's arguments the way its getopt does: clusters (-la), glued values (-n5,
+    --lines=5), a value in the next word (-n 5), `--`, -NUM. Returns a (kind, value) pair per
+    option value and per operand, or None when any word is not on the program's list."""
+    found, operands, words = [], [], list(words)
+    options_ended = program.options is None
+    while words:
+        word = words.pop(0)
+        if options_ended or word == "-" or not word.startswith("-"):
+            operands.append(word)  # GNU programs take options after operands too: keep going
+        elif word == "--":
+            options_ended = True
+        elif word.startswith("--"):
+            name, has_value, value = word.partition("=")
+            if name not in program.options:
+                return None  # unknown, or an abbreviation of a long option
+            kind = program.options[name]
+            if kind is None and has_value:
+                return None
+            if kind is not None:
+                if not has_value:
+                    if not words:
+                        return None
+                    value = words.pop(0)
+                found.append((kind, value))
+        elif program.dash_number and re.fullmatch(r"-[0-9]+", word):
+            continue
+        else:
+            letters = word[1:]
+            while letters:
+                name, letters = "-" + letters[0], letters[1:]
+                if name not in program.options:
+                    return None
+                kind = program.options[name]
+                if kind is None:
+                    continue
+                if not letters:  # the value is the next word
+                    if not words:
+                        return None
+                    letters = words.pop(0)
+                found.append((kind, letters))  # the rest of the word is the value: -f../x
+                break
+    if program.pattern_first and operands and all(kind != "pattern" for kind, _ in found):
+        found.append(("pattern", operands.pop(0)))
+    if operands and program.operands is None:
+        return None
+    return found + [(program.operands, operand) for operand in operands]
+
+
+def is_safe_argument(kind: str, value: str) -> bool:
+    if kind == "number":
+        return NUMBER.fullmatch(value) is not None
+    if kind in ("text", "pattern"):
+        return True  # never opened; is_plain_command has already checked every character
+    if kind == "+format":
+        return value.startswith("+")  # any other date operand sets the clock
+    if kind != "path":
+        return False
+    try:
+        path = safe_path(value)
+    except ToolError:
+        return False
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return True  # not there: the program will say so
+    # A FIFO blocks the reader until the timeout, and a device may never end.
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
 def is_read_only(command: str) -> bool:
-    if SHELL_OPERATORS.search(command) or GLOB_CHARACTERS.search(command):
+    """True when the command is one plain call of a READ_ONLY_PROGRAMS program, with options
+    from its list only, and every path it names inside the workspace: it runs without asking."""
+    if not is_plain_command(command):
         return False
     try:
         words = shlex.split(command)
     except ValueError:
         return False
-    if not words or words[0] not in READ_ONLY_COMMANDS:
+    if not words or words[0] not in READ_ONLY_PROGRAMS:
         return False
-    for word in words[1:]:
-        if word in LINK_FOLLOWING_FLAGS:
-            return False
-        if word.startswith("-") and "=" not in word:
-            continue  # a plain flag such as -n
-        value = word.split("=", 1)[1] if word.startswith("-") else word
-        if value.startswith("~"):
-            return False  # bash expands ~ to the home folder
-        try:
-            safe_path(value)
-        except ToolError:
-            return False
-    return True
+    arguments = parse_arguments(READ_ONLY_PROGRAMS[words[0]], words[1:])
+    return arguments is not None and all(is_safe_argument(k, v) for k, v in arguments)
 
 
 def load_approvals() -> list[dict]:
-    """The stored "always" answers. A file that cannot be read is moved aside, not lost."""
+    """The stored "always" answers: [{"command": the exact text approved, "scope": who said
+    so}]. A file of any other shape (a corrupt one, or version 1's wide globs) approves
+    nothing: it is moved aside with one line, not lost."""
     if not APPROVALS_FILE.exists():
         return []
     try:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
-        return [{"command": str(a["command"]), "scope": str(a["scope"])} for a in data["always"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{int(time.time())}.json")
-        APPROVALS_FILE.replace(aside)
-        print(dim(f"[approvals] {APPROVALS_FILE} is not valid ({exc}); moved it to {aside.name}"))
-        return []
+        entries = data["always"] if data.get("version") == 2 else None
+        if isinstance(entries, list) and all(
+                isinstance(e, dict) and set(e) == {"command", "scope"}
+                and all(isinstance(v, str) and v for v in e.values()) for e in entries):
+            return entries
+        problem = 'is not {"version": 2, "always": [{"command": ..., "scope": ...}, ...]}'
+    except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, not an object
+        problem = f"is not valid JSON ({exc})"
+    aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{time.time_ns()}.json")
+    APPROVALS_FILE.replace(aside)
+    print(dim(f"[approvals] {APPROVALS_FILE} {problem}; moved it to {aside.name}. "
+              "Nothing is approved until you answer \"always\" again."))
+    return []
 
 
 def is_always_approved(command: str, scope: str) -> bool:
+    """Only the exact command, from the same scope: "always" for `cat notes.md` never
+    covers `cat notes.md ../.env`. To trust more, add more exact commands to the file."""
     return {"command": command, "scope": scope} in load_approvals()
 
 
@@ -518,14 +760,19 @@ def remember_always(command: str, scope: str) -> None:
 
 
 def ask_person(command: str) -> str:
-    """Ask at the terminal: "once", "always" or "deny" (Ctrl-D is a deny)."""
-    print(f"  The model wants to run: {command}")
-    try:
-        answer = input(APPROVAL_PROMPT).strip().lower()
-    except EOFError:
-        print()
-        return "deny"
-    return {"o": "once", "once": "once", "a": "always", "always": "always"}.get(answer, "deny")
+    """Ask at the terminal: "once", "always" or "deny". Ctrl-D is a deny; Ctrl-C is not caught
+    here, so it drops the turn like Ctrl-C anywhere else; any other answer asks again."""
+    print(f"  The model wants to run: {printable(command)}")
+    print("  (always: this exact command runs without asking from now on; any other asks)")
+    while True:
+        try:
+            answer = input(APPROVAL_PROMPT).strip().lower()
+        except EOFError:
+            print()
+            return "deny"
+        if answer in ANSWERS:
+            return ANSWERS[answer]
+        print("  Please answer o (run it once), a (always) or d (deny).")
 
 
 def check_command(command: str, approve) -> None:
@@ -552,37 +799,77 @@ def approve_at_terminal(command: str) -> None:
                         "ask them what they want instead.")
 
 
+# What a command inherits: these names (and LC_*), nothing else. A list of names to drop
+# would miss secrets with other names (DATABASE_URL, GITHUB_PAT, a password inside
+# ANTHROPIC_BASE_URL), and BASH_ENV or an exported BASH_FUNC_ls%% would change what even a
+# plain `ls` runs.
+CHILD_ENV_NAMES = {"PATH", "HOME", "LANG", "LANGUAGE", "TERM", "TZ", "USER", "LOGNAME", "SHELL",
+                   "TMPDIR"}
+
+
 def child_environment() -> dict:
-    """The environment for shell commands, minus anything that looks like a secret."""
-    secret = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
-    return {k: v for k, v in os.environ.items() if not secret.search(k)}
+    """The environment for shell commands: the variables CHILD_ENV_NAMES and LC_* name, and a
+    PATH with only absolute folders outside the workspace, so `cat` can never mean a ./cat
+    written there."""
+    env = {name: value for name, value in os.environ.items()
+           if name in CHILD_ENV_NAMES or re.fullmatch(r"LC_[A-Z]+", name)}
+    folders = [folder for folder in env.get("PATH", "").split(os.pathsep) if os.path.isabs(folder)
+               and not Path(os.path.realpath(folder)).is_relative_to(WORKSPACE_DIR)]
+    env["PATH"] = os.pathsep.join(folders) or os.defpath  # an empty PATH would mean "."
+    return env
+
+
+class OutputKeeper:
+    """The head and the tail of a command's output, and a count of what fell between them.
+    Memory stays at `limit` bytes whatever the command prints (`yes` for the whole timeout)."""
+
+    def __init__(self, limit: int):
+        self.head, self.tail = bytearray(), bytearray()
+        self.head_limit, self.tail_limit = limit * 2 // 3, limit // 3
+        self.total = 0
+
+    def keep(self, stream) -> None:
+        """Read the stream to its end (in a thread of its own, while the command runs)."""
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            self.total += len(chunk)
+            room = self.head_limit - len(self.head)
+            self.head += chunk[:max(room, 0)]
+            self.tail += chunk[max(room, 0):]
+            del self.tail[:-self.tail_limit]  # keep only the last tail_limit bytes
+
+    def text(self) -> str:
+        dropped = self.total - len(self.head) - len(self.tail)
+        head, tail = (part.decode("utf-8", errors="replace") for part in (self.head, self.tail))
+        if not dropped:
+            return head + tail
+        return f"{head}\n\n[... {dropped} bytes cut from the middle of {self.total} ...]\n\n{tail}"
 
 
 def bash(command: str, timeout: float | None = None) -> str:
     """Run a command that check_command has let through (run_tool makes sure of that)."""
     limit = min(float(timeout or BASH_TIMEOUT), BASH_MAX_TIMEOUT)
     # A new session makes the command the leader of its own process group, so
-    # on timeout one killpg() stops it and every child it started.
+    # one killpg() stops it and every child it started.
     proc = subprocess.Popen(["bash", "-c", command], cwd=WORKSPACE_DIR, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_environment(),
-                            start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=child_environment(), start_new_session=True)
+    output = OutputKeeper(MAX_TOOL_OUTPUT)
+    reader = threading.Thread(target=output.keep, args=(proc.stdout,), daemon=True)
+    reader.start()
     try:
-        output, _ = proc.communicate(timeout=limit)
+        proc.wait(timeout=limit)
         status = f"exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        try:
-            output, _ = proc.communicate(timeout=1)
-        except subprocess.TimeoutExpired:  # a child that left the group still holds the pipe
-            output = b""
         status = f"timed out after {limit:g}s; the command and its children were killed"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # nothing it started outlives it
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
-    text = output.decode("utf-8", errors="replace")
-    return truncate(f"{status}\n{text}" if text else status)
+        proc.wait()
+    reader.join(1)  # a child that left the group (setsid) may hold the pipe: wait 1 s at most
+    text = output.text()
+    return f"{status}\n{text}" if text else status
 
 
 # --- [s02] Tools: what the model sees, and the dispatch table -----------------
@@ -661,8 +948,10 @@ def run_tool(name: str, tool_input: dict, approve=approve_at_terminal,
 
 
 def preview(text: str) -> str:
+    """The first line of a result, escaped (printable) and cut to fit one terminal line."""
     lines = text.splitlines() or [""]
-    first = lines[0] if len(lines[0]) <= 80 else lines[0][:77] + "..."
+    first = printable(lines[0])
+    first = first if len(first) <= 80 else first[:77] + "..."
     return first + (f"  (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
 
 
@@ -681,8 +970,9 @@ def run_tool_calls(content: list, out: TerminalOutput,
         if interrupted:
             text, is_error = "not run: the person interrupted the turn", True
         else:
-            args = json.dumps(block.input, ensure_ascii=False)
-            out.note(f"  → {block.name} {args if len(args) <= 100 else args[:97] + '...'}")
+            args = printable(json.dumps(block.input, ensure_ascii=False))
+            name = printable(block.name)
+            out.note(f"  → {name} {args if len(args) <= 100 else args[:97] + '...'}")
             try:
                 text, is_error = run_tool(block.name, block.input, out.approve, allowed)
             except KeyboardInterrupt:
@@ -1238,11 +1528,6 @@ class TerminalOutput:
 TERMINAL = TerminalOutput()
 
 
-def printable(text: str, keep_newlines: bool = False) -> str:  # TEMP until the s02 merge
-    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1]
-                   for c in text)
-
-
 def log(text: str) -> None:
     """A dim line for the operator, from any thread: what the gateway is doing."""
     if threading.current_thread() is threading.main_thread():
@@ -1406,7 +1691,7 @@ class TerminalChannel(Channel):
         self.state, self.detail = "on", "this window"
 
     def send(self, message: InboundMessage, text: str) -> None:
-        print_in_background(printable(text, keep_newlines=True))
+        print_in_background("\n".join(printable(line) for line in text.split("\n")))
 
 
 def allow_list(value: str | None) -> set[str]:
