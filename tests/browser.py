@@ -33,7 +33,8 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
 
 
 def find_chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return (shutil.which("chromium") or shutil.which("chromium-browser")
+            or shutil.which("google-chrome"))
 
 
 class Browser:
@@ -42,8 +43,9 @@ class Browser:
         if executable is None:
             raise FileNotFoundError("no chromium on PATH")
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-"))
-        self.process = subprocess.Popen([executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ids = count(1)
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
@@ -77,6 +79,15 @@ class Browser:
 
     def open(self, url: str) -> None:
         self.command("Page.navigate", {"url": url})
+
+    def reload(self) -> None:
+        self.command("Page.reload")
+
+    def before_every_page(self, script: str) -> None:
+        """Run script in each page opened from now on, before the page's own scripts
+        (to watch what a page does, e.g. count the WebSockets it opens)."""
+        self.command("Page.enable")  # without it, Chromium ignores the script below
+        self.command("Page.addScriptToEvaluateOnNewDocument", {"source": script})
 
     def evaluate(self, expression: str):
         result = self.command("Runtime.evaluate", {"expression": expression, "returnByValue": True,

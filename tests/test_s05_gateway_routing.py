@@ -509,29 +509,151 @@ def test_route_and_gateway_commands(path, load, fake_api, monkeypatch, capsys, w
     assert re.search(r"token from .*gateway-token; the chat page: http://127\.0\.0\.1:\d+/#token=", out)
 
 
-# --- The chat page, in a real browser ---------------------------------------------------------------------
+# --- The chat page, in a real browser -------------------------------------------------------------
 
-def test_the_chat_page_sends_and_shows_the_reply_as_it_streams(path, load, fake_api, monkeypatch, capsys):
+STATUS = "document.getElementById('status').textContent"
+CONNECTED = f"{STATUS}.startsWith('connected')"
+RETRY_SHOWN = "!document.getElementById('retry').hidden"
+LOG_LINES = "[...document.querySelectorAll('#log > *')].map(e => [e.className, e.textContent])"
+# Run before the page's own script: window.sockets counts the WebSockets the page opens.
+COUNT_SOCKETS = """(() => {
+  const RealSocket = WebSocket;
+  window.sockets = 0;
+  window.WebSocket = function (...args) { window.sockets++; return new RealSocket(...args); };
+})();"""
+
+
+def chromium_or_skip() -> None:
     if find_chromium() is None and not browser_required():
         pytest.skip("no chromium here (.ci/run installs it)")
+
+
+def send_from_page(browser, text: str) -> None:
+    browser.evaluate(f"document.getElementById('text').value = {json.dumps(text)};"
+                     "document.getElementById('form').requestSubmit(); true")
+
+
+def test_the_chat_page_sends_and_shows_the_reply_as_it_streams(path, load, fake_api, monkeypatch,
+                                                               capsys):
+    chromium_or_skip()
     gate = threading.Event()
-    fake_api.script(reply("Hello from the page's agent.", chunks=["Hello ", "from the page's agent."], gate=gate))
+    fake_api.script(reply("Hello from the page's agent.",
+                          chunks=["Hello ", "from the page's agent."], gate=gate))
 
     def body(gw):
         with Browser() as browser:
             browser.open(f"{gw.page}#token={gw.token}")
-            browser.wait_for("document.getElementById('status').textContent.startsWith('connected')")
-            browser.evaluate("document.getElementById('text').value = 'hi from chromium';"
-                             "document.getElementById('form').requestSubmit(); true")
-            half = browser.wait_for("document.querySelector('.agent') && document.querySelector('.agent').textContent")
+            browser.wait_for(CONNECTED)
+            send_from_page(browser, "hi from chromium")
+            half = browser.wait_for("document.querySelector('.agent') && "
+                                    "document.querySelector('.agent').textContent")
             done_early = browser.evaluate("document.querySelector('.agent').dataset.done || ''")
             gate.set()
             browser.wait_for("document.querySelector('.agent').dataset.done === 'yes'")
             return half, done_early, browser.evaluate("document.getElementById('log').innerText")
     code, out, (half, done_early, page) = with_gateway(load(path), monkeypatch, capsys, body)
-    assert half == "Hello " and done_early == ""  # the first piece showed while the rest was still coming
+    assert half == "Hello " and done_early == ""  # the first piece showed while the rest was coming
     assert "hi from chromium" in page and "Hello from the page's agent." in page
     assert last_user_text(fake_api.requests[0]) == "hi from chromium"
+
+
+def test_the_chat_page_says_why_it_cannot_connect(path, load, fake_api, monkeypatch, capsys):
+    chromium_or_skip()
+
+    def body(gw):
+        hint = f"on /gateway in its terminal: {gw.page}#token=…"
+        with Browser() as browser:
+            browser.before_every_page(COUNT_SOCKETS)
+            browser.open(gw.page)
+            no_token = browser.wait_for(f"{STATUS}.includes('no token') && {STATUS}")
+            sockets = browser.evaluate("window.sockets")
+            browser.open(f"{gw.page}#token=not-the-token")  # a new #fragment: the page reloads
+            wrong = browser.wait_for(f"{STATUS}.includes('wrong token') && {STATUS}")
+            retry = browser.evaluate(RETRY_SHOWN)
+            browser.open(f"{gw.page}#token={gw.token}")
+            browser.wait_for(CONNECTED)
+            return hint, no_token, sockets, wrong, retry
+    code, out, (hint, no_token, sockets, wrong, retry) = with_gateway(load(path), monkeypatch,
+                                                                      capsys, body)
+    assert hint in no_token and sockets == 0  # not even tried
+    assert "unauthorized (wrong token): the first request must be connect" in wrong
+    assert hint in wrong and not retry  # the same token would be refused again
+    assert "refused a connection" in out
+
+
+def test_the_chat_page_streams_replies_in_their_own_bubbles_as_text_and_restores_them(
+        path, load, fake_api, monkeypatch, capsys):
+    chromium_or_skip()
+    gate = threading.Event()
+    markup = '<img src=x onerror="window.pwned = true">'
+    fake_api.script(reply(markup + " stays text.", chunks=[markup, " stays text."], gate=gate))
+    bubbles = "document.querySelectorAll('.agent')"
+    waiting_note = f"getComputedStyle({bubbles}[1], '::after').content"
+
+    def body(gw):
+        with Browser() as browser:
+            browser.open(f"{gw.page}#token={gw.token}")
+            browser.wait_for(CONNECTED)
+            send_from_page(browser, "first")
+            browser.wait_for(f"{bubbles}[0].textContent === {json.dumps(markup)}")
+            send_from_page(browser, "second")  # while the first reply is still coming
+            writing = browser.wait_for(f"{bubbles}.length === 2 && {waiting_note}")
+            gate.set()
+            browser.wait_for(f"[...{bubbles}].every(b => b.dataset.done === 'yes')")
+            shown = browser.evaluate(LOG_LINES)
+            browser.evaluate("window.before_reload = true")
+            browser.reload()
+            browser.wait_for(f"!window.before_reload && {CONNECTED}")
+            restored = browser.evaluate(LOG_LINES)
+            injected = browser.evaluate("document.querySelectorAll('img').length || window.pwned")
+            return writing, shown, restored, injected
+    code, out, (writing, shown, restored, injected) = with_gateway(load(path), monkeypatch, capsys,
+                                                                   body)
+    assert writing == '"Agent is writing…"'  # in line behind the first reply: nothing yet
+    assert shown == restored == [["you", "first"], ["agent", markup + " stays text."],
+                                 ["you", "second"], ["agent", "(fake) you said: second"]]
+    assert not injected
+
+
+def test_the_chat_page_offers_a_reconnect_and_restores_a_compacted_conversation(
+        path, load, fake_api, monkeypatch, capsys):
+    chromium_or_skip()
+    with Browser() as browser:
+        browser.before_every_page(COUNT_SOCKETS)
+
+        def first_run(gw):
+            browser.open(f"{gw.page}#token={gw.token}")
+            browser.wait_for(CONNECTED)
+            return gw.port, browser.evaluate(LOG_LINES), browser.evaluate(
+                "localStorage.getItem('gateway-peer')")
+        mod = load(path)
+        port, empty, peer = with_gateway(mod, monkeypatch, capsys, first_run)[2]
+        gone = browser.wait_for(f"{RETRY_SHOWN} && {STATUS}")  # the gateway stopped
+        browser.evaluate("document.getElementById('retry').click()")
+        browser.wait_for(f"window.sockets === 2 && {RETRY_SHOWN}")  # tried again: still gone
+
+        summary = mod.SUMMARY_PREFIX + "\nAda asked what the folder holds."
+        mod.SessionStore(mod.SESSIONS_ROOT / "main").for_key(
+            f"agent:main:webchat:direct:{peer}").replace([
+                {"role": "user", "content": [{"type": "text", "text": summary},
+                                             {"type": "text", "text": "and now?"}]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "list_dir", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                              "content": "notes.txt"}]},
+                {"role": "assistant", "content": "One file: notes.txt"}], "compaction")
+
+        def second_run(gw):
+            browser.evaluate("document.getElementById('retry').click()")
+            browser.wait_for(CONNECTED)
+            return browser.evaluate(LOG_LINES)
+        restored = with_gateway(load(path, GATEWAY_PORT=str(port)), monkeypatch, capsys,
+                                second_run)[2]
+    assert empty == []  # no session yet (-32004) is an empty conversation, not an error
+    assert "gateway is not reachable" in gone
+    assert restored == [["note", summary], ["you", "and now?"], ["agent", "Let me look."],
+                        ["note", "used list_dir"], ["agent", "One file: notes.txt"]]
 
 
 def test_the_page_is_served_and_other_paths_are_not(path, load, fake_api, monkeypatch, capsys):

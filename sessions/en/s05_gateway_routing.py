@@ -3062,78 +3062,125 @@ CHAT_PAGE = """<!doctype html>
 <title>Agent gateway</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-  body { font: 15px/1.5 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-  #log { border: 1px solid #ccc; border-radius: 6px; padding: .5rem 1rem; min-height: 12rem; white-space: pre-wrap; }
+  body { font: 15px/1.5 system-ui; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; }
+  #log { border: 1px solid #ccc; border-radius: 6px; padding: .5rem 1rem; min-height: 12rem;
+         white-space: pre-wrap; }
   .you { color: #555; } .you::before { content: "You: "; font-weight: 600; }
-  .agent::before { content: "Agent: "; font-weight: 600; } .notice { color: #a60; font-style: italic; }
-  form { display: flex; gap: .5rem; margin-top: .75rem; } input { flex: 1; padding: .4rem; font: inherit; }
-  #status { color: #777; font-size: 13px; }
+  .agent::before { content: "Agent: "; font-weight: 600; }
+  .writing:empty::after { content: "Agent is writing…"; color: #999; font-style: italic; }
+  .notice { color: #a60; font-style: italic; } .note, #status { color: #888; font-size: 13px; }
+  form { display: flex; gap: .5rem; margin-top: .75rem; } input { flex: 1; font: inherit; }
 </style>
 </head>
 <body>
 <h1>Agent gateway</h1>
 <div id="log"></div>
-<form id="form"><input id="text" autocomplete="off" placeholder="Say something" disabled><button>Send</button></form>
-<p id="status">connecting...</p>
+<form id="form"><input id="text" autocomplete="off" placeholder="Say something" disabled>
+  <button>Send</button></form>
+<p><span id="status">connecting…</span> <button id="retry" hidden>Reconnect</button></p>
 <script>
 // The token travels in the URL's #fragment, which the browser never sends to a server.
-const token = new URLSearchParams(location.hash.slice(1)).get("token") || "";
-const peer = localStorage.getItem("gateway-peer") || "web-" + Math.random().toString(36).slice(2, 10);
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+const peer = localStorage.getItem("gateway-peer") || "web-" + Math.random().toString(36).slice(2);
 localStorage.setItem("gateway-peer", peer);
-const log = document.getElementById("log"), input = document.getElementById("text");
-const status = document.getElementById("status");
-const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/");
-const waiting = {}, bubbles = {};
-let nextId = 1;
+const $ = (id) => document.getElementById(id);
+const log = $("log"), input = $("text"), status = $("status"), retry = $("retry");
+const HINT = " Open the link the gateway prints at start-up and on /gateway in its terminal: "
+  + location.origin + "/#token=…";
+const SUMMARY = "[Summary of the earlier part of this conversation";  // written by a compaction
+const waiting = {}, bubbles = {};  // by request id: its promise's callbacks; its reply's bubble
+let ws, refused = false, nextId = 1;
 
 function line(kind, text) {
-  const div = document.createElement("div");
+  const div = log.appendChild(document.createElement("div"));
   div.className = kind;
   div.textContent = text;  // text, never HTML: a reply cannot inject markup
-  log.appendChild(div);
   return div;
 }
+function say(text, offerRetry = false) { status.textContent = text; retry.hidden = !offerRetry; }
 function call(method, params) {
   const id = nextId++;
   ws.send(JSON.stringify({jsonrpc: "2.0", id, method, params}));
   return new Promise((resolve, reject) => { waiting[id] = {resolve, reject}; });
 }
-ws.onopen = async () => {
+function answer({id, result, error}) {
+  const {resolve, reject} = waiting[id];
+  delete waiting[id];
+  error ? reject(Object.assign(new Error(error.message), {code: error.code})) : resolve(result);
+}
+
+function connect() {
+  if (!token) return say("This link has no token, so the page cannot connect." + HINT);
+  say("connecting…");
+  ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/");
+  Object.assign(ws, {onopen: start, onmessage: received, onclose: closed});
+}
+function received(event) {
+  const msg = JSON.parse(event.data), bubble = bubbles[msg.params?.request_id];
+  if (msg.method === "chat.delta" && bubble) bubble.textContent += msg.params.text;
+  else if (msg.method === "chat.notice") line("notice", msg.params.text);
+  else if (msg.id in waiting) answer(msg);
+}
+async function start() {
   try {
     await call("connect", {token});
-    status.textContent = "connected as " + peer;
-    input.disabled = false;
-    input.focus();
-  } catch (error) { status.textContent = "not connected: " + error.message; }
-};
-ws.onclose = () => { status.textContent = "disconnected"; input.disabled = true; };
-ws.onmessage = (event) => {
-  const msg = JSON.parse(event.data);
-  if (msg.method === "chat.delta") {
-    const bubble = bubbles[msg.params.request_id];
-    if (bubble) { bubble.textContent += msg.params.text; bubble.dataset.deltas = +(bubble.dataset.deltas || 0) + 1; }
-  } else if (msg.method === "chat.notice") {
-    line("notice", msg.params.text);
-  } else if (msg.id in waiting) {
-    const {resolve, reject} = waiting[msg.id];
-    delete waiting[msg.id];
-    msg.error ? reject(new Error(msg.error.message)) : resolve(msg.result);
+  } catch (error) {  // the gateway closes the socket next: keep its reason on screen
+    refused = true;
+    return say("Not connected: " + error.message + "." + HINT);
   }
-};
-document.getElementById("form").onsubmit = async (event) => {
+  await restoreConversation();
+  say("connected as " + peer);
+  input.disabled = false;
+  input.focus();
+}
+function closed() {
+  input.disabled = true;
+  for (const id in waiting) answer({id, error: {message: "the connection closed"}});
+  if (!refused) say("The gateway is not reachable: it stopped, or has not started yet.", true);
+}
+
+// The conversation lives in the gateway's session: ask which one is this peer's, and show
+// it. No session yet (-32004) is an empty conversation, not an error.
+async function restoreConversation() {
+  log.replaceChildren();
+  try {
+    const {session_key} = await call("route.resolve", {channel: "webchat", peer});
+    (await call("chat.history", {session_key})).messages.forEach(showMessage);
+  } catch (error) {
+    if (error.code !== -32004) line("notice", "The conversation did not load: " + error.message);
+  }
+}
+function showMessage({role, content}) {
+  const blocks = typeof content === "string" ? [{type: "text", text: content}] : content;
+  for (const block of blocks) {  // tool results are left out: a note that the tool ran will do
+    if (block.type === "text" && block.text.startsWith(SUMMARY)) line("note", block.text);
+    else if (block.type === "text") line(role === "user" ? "you" : "agent", block.text);
+    else if (block.type === "tool_use") line("note", "used " + block.name);
+  }
+}
+
+async function send(event) {
   event.preventDefault();
   const text = input.value.trim();
-  if (!text) return;
+  if (!text || input.disabled) return;
   input.value = "";
   line("you", text);
-  const id = nextId;
-  const bubble = bubbles[id] = line("agent", "");
+  // Each reply has its own bubble, kept under the id call() gives this chat.send next: the
+  // request id its chat.delta notifications carry. Until the first one, it says "writing".
+  const id = nextId, bubble = bubbles[id] = line("agent writing", "");
   try {
-    const result = await call("chat.send", {text, peer_id: peer});
-    bubble.textContent = result.text;  // the whole reply, exactly as saved
+    bubble.textContent = (await call("chat.send", {text, peer_id: peer})).text;  // all, as saved
     bubble.dataset.done = "yes";
   } catch (error) { bubble.className = "notice"; bubble.textContent = error.message; }
-};
+  bubble.classList.remove("writing");
+  delete bubbles[id];
+}
+
+$("form").onsubmit = send;
+retry.onclick = connect;
+// A link pasted into this tab that differs only in its #fragment loads no new page: reload.
+addEventListener("hashchange", () => location.reload());
+connect();
 </script>
 </body>
 </html>
