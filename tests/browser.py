@@ -12,6 +12,7 @@ WebSocket speaking JSON, and the `websockets` library is already installed.
 Chromium, the browser tests are skipped, unless REQUIRE_BROWSER=1 (as in CI)
 makes a missing browser a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,26 @@ from pathlib import Path
 from websockets.sync.client import connect
 
 # Flags for a quiet browser on a machine without network: no background traffic, no sandbox (root).
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--remote-debugging-port=0"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--remote-debugging-port=0",
+]
 
 
 def find_chromium() -> str | None:
-    return (shutil.which("chromium") or shutil.which("chromium-browser")
-            or shutil.which("google-chrome"))
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
 
 
 class Browser:
@@ -45,7 +58,9 @@ class Browser:
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-"))
         self.process = subprocess.Popen(
             [executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.ids = count(1)
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
@@ -90,8 +105,10 @@ class Browser:
         self.command("Page.addScriptToEvaluateOnNewDocument", {"source": script})
 
     def evaluate(self, expression: str):
-        result = self.command("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                   "awaitPromise": True})
+        result = self.command(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails'].get('text')}")
         return result["result"].get("value")

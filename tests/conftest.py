@@ -24,11 +24,13 @@ def workspace(tmp_path):
 @pytest.fixture
 def section_env(monkeypatch, workspace, fake_api):
     """Set the process environment a section reads at import, pointed at the fake API."""
+
     def apply(**extra):
         for name in SDK_VARS:
             monkeypatch.delenv(name, raising=False)
         for name, value in section_env_values(workspace, fake_api.base_url, **extra).items():
             monkeypatch.setenv(name, value)
+
     apply()
     return apply
 
@@ -36,16 +38,20 @@ def section_env(monkeypatch, workspace, fake_api):
 @pytest.fixture
 def load(section_env):
     """load(path, **env) imports a section with the test environment (plus overrides)."""
+
     def _load(path, **extra):
         if extra:
             section_env(**extra)
         return load_section(path)
+
     return _load
 
 
 @pytest.fixture
 def subprocess_env(workspace, fake_api):
     """env(**extra) builds the environment for running a section as a subprocess."""
+
     def _env(**extra):
         return isolated_env(workspace, fake_api.base_url, **extra)
+
     return _env

@@ -52,6 +52,7 @@ Options and records on a FakeAnthropic (set them before or between requests):
     count_tokens_status = 404 makes count_tokens act like a local server without it
     default            the reply used when the script is empty
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,11 +67,24 @@ from local_server import LocalServer, QuietHandler
 _ids = count(1)
 
 # The block types the Messages API accepts in a message (anthropic SDK 2.x ContentBlockParam).
-BLOCK_TYPES = ("text", "image", "document", "search_result", "thinking", "redacted_thinking",
-               "tool_use", "tool_result", "server_tool_use", "web_search_tool_result",
-               "web_fetch_tool_result", "code_execution_tool_result",
-               "bash_code_execution_tool_result", "text_editor_code_execution_tool_result",
-               "tool_search_tool_result", "container_upload")
+BLOCK_TYPES = (
+    "text",
+    "image",
+    "document",
+    "search_result",
+    "thinking",
+    "redacted_thinking",
+    "tool_use",
+    "tool_result",
+    "server_tool_use",
+    "web_search_tool_result",
+    "web_fetch_tool_result",
+    "code_execution_tool_result",
+    "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result",
+    "tool_search_tool_result",
+    "container_upload",
+)
 MAX_CACHE_BREAKPOINTS = 4
 CACHE_LOOKBACK_BLOCKS = 20  # a breakpoint finds an earlier cache entry at most this far back
 CACHE_TTL_SECONDS = {"5m": 300, "1h": 3600}
@@ -78,13 +92,24 @@ CACHE_TTL_SECONDS = {"5m": 300, "1h": 3600}
 
 # --- Script steps ---------------------------------------------------------------
 def tool_use(name: str, tool_input: dict, tool_id: str | None = None) -> dict:
-    return {"type": "tool_use", "id": tool_id or f"toolu_fake{next(_ids):04d}", "name": name,
-            "input": tool_input}
+    return {
+        "type": "tool_use",
+        "id": tool_id or f"toolu_fake{next(_ids):04d}",
+        "name": name,
+        "input": tool_input,
+    }
 
 
-def reply(text: str = "", *, tools: list[dict] | None = None, stop_reason: str | None = None,
-          chunks: list[str] | None = None, gate: threading.Event | None = None,
-          stream_error: tuple[str, str] | None = None, usage: dict | None = None) -> dict:
+def reply(
+    text: str = "",
+    *,
+    tools: list[dict] | None = None,
+    stop_reason: str | None = None,
+    chunks: list[str] | None = None,
+    gate: threading.Event | None = None,
+    stream_error: tuple[str, str] | None = None,
+    usage: dict | None = None,
+) -> dict:
     """One assistant message.
 
     chunks: how the text is split into text_delta events (default: by words).
@@ -99,18 +124,30 @@ def reply(text: str = "", *, tools: list[dict] | None = None, stop_reason: str |
     content.extend(tools or [])
     if stop_reason is None:
         stop_reason = "tool_use" if tools else "end_turn"
-    return {"kind": "reply", "content": content, "stop_reason": stop_reason, "chunks": chunks,
-            "gate": gate, "stream_error": stream_error, "usage": usage or {}}
+    return {
+        "kind": "reply",
+        "content": content,
+        "stop_reason": stop_reason,
+        "chunks": chunks,
+        "gate": gate,
+        "stream_error": stream_error,
+        "usage": usage or {},
+    }
 
 
-def error(status: int, error_type: str, message: str = "fake error", *,
-          headers: dict | None = None, should_retry: bool = False) -> dict:
+def error(
+    status: int,
+    error_type: str,
+    message: str = "fake error",
+    *,
+    headers: dict | None = None,
+    should_retry: bool = False,
+) -> dict:
     """An HTTP error with the real body shape. By default the SDK is told not to
     retry (`x-should-retry: false`) so tests stay fast and deterministic."""
     h = {"x-should-retry": "true" if should_retry else "false"}
     h.update(headers or {})
-    return {"kind": "error", "status": status, "type": error_type, "message": message,
-            "headers": h}
+    return {"kind": "error", "status": status, "type": error_type, "message": message, "headers": h}
 
 
 def last_user_text(body: dict) -> str:
@@ -210,8 +247,10 @@ def check_messages(messages) -> None:
         if not content:
             if i == last and role == "assistant":
                 continue  # an empty final assistant message is allowed
-            raise InvalidRequest(f"messages.{i}: all messages must have non-empty content except "
-                                 "for the optional final assistant message")
+            raise InvalidRequest(
+                f"messages.{i}: all messages must have non-empty content except "
+                "for the optional final assistant message"
+            )
         if isinstance(content, str):
             check_text(content, "messages")
             continue
@@ -236,8 +275,10 @@ def check_block(block, where: str) -> None:
     kind = block["type"]
     if kind not in BLOCK_TYPES:
         expected = ", ".join(f"'{t}'" for t in BLOCK_TYPES)
-        raise InvalidRequest(f"{where}: Input tag '{kind}' found using 'type' does not match any "
-                             f"of the expected tags: {expected}")
+        raise InvalidRequest(
+            f"{where}: Input tag '{kind}' found using 'type' does not match any "
+            f"of the expected tags: {expected}"
+        )
     if kind == "text":
         if not isinstance(block.get("text"), str):
             raise InvalidRequest(f"{where}.text.text: Field required")
@@ -260,8 +301,10 @@ def check_system(system) -> None:
     for k, block in enumerate(system):
         if not isinstance(block, dict) or block.get("type") != "text":
             kind = block.get("type") if isinstance(block, dict) else None
-            raise InvalidRequest(f"system.{k}: Input tag '{kind}' found using 'type' does not "
-                                 "match any of the expected tags: 'text'")
+            raise InvalidRequest(
+                f"system.{k}: Input tag '{kind}' found using 'type' does not "
+                "match any of the expected tags: 'text'"
+            )
         if not isinstance(block.get("text"), str):
             raise InvalidRequest(f"system.{k}.text: Field required")
         check_text(block["text"], "system")
@@ -305,8 +348,9 @@ def cache_controls(body: dict) -> list[tuple[str, object]]:
         content = message.get("content") if isinstance(message, dict) else None
         for j, block in enumerate(content if isinstance(content, list) else []):
             if isinstance(block, dict) and block.get("cache_control") is not None:
-                found.append((f"messages.{i}.content.{j}.{block.get('type')}",
-                              block["cache_control"]))
+                found.append(
+                    (f"messages.{i}.content.{j}.{block.get('type')}", block["cache_control"])
+                )
     if body.get("cache_control") is not None:
         found.append(("", body["cache_control"]))
     return found
@@ -321,8 +365,10 @@ def check_cache_controls(body: dict) -> None:
         if control.get("ttl") not in (None, *CACHE_TTL_SECONDS):
             raise InvalidRequest(f"{where}.ttl: Input should be '5m' or '1h'")
     if len(found) > MAX_CACHE_BREAKPOINTS:
-        raise InvalidRequest(f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may "
-                             f"be provided. Found {len(found)}.")
+        raise InvalidRequest(
+            f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may "
+            f"be provided. Found {len(found)}."
+        )
 
 
 def turns_of(messages: list) -> list[tuple[str, list[tuple[int, int, dict]]]]:
@@ -358,7 +404,8 @@ def check_tool_pairs(messages: list) -> None:
                     raise InvalidRequest(
                         f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
                         f"`tool_result` blocks: {block['tool_use_id']}. Each `tool_result` block "
-                        "must have a corresponding `tool_use` block in the previous message.")
+                        "must have a corresponding `tool_use` block in the previous message."
+                    )
             continue
         uses = [(i, b["id"]) for i, _, b in blocks if b["type"] == "tool_use"]
         answered = set()
@@ -372,12 +419,14 @@ def check_tool_pairs(messages: list) -> None:
             raise InvalidRequest(
                 f"messages.{missing[0][0]}: `tool_use` ids were found without `tool_result` "
                 f"blocks immediately after: {ids}. Each `tool_use` block must have a "
-                "corresponding `tool_result` block in the next message.")
+                "corresponding `tool_result` block in the next message."
+            )
 
 
 # --- Token counting -------------------------------------------------------------
 class PromptPart(NamedTuple):
     """One tool, system block or content block, in the order the model reads them."""
+
     tokens: int
     text: str  # its canonical JSON: what a cache key is made of
     cache_control: dict | None
@@ -396,12 +445,14 @@ def without(block, *keys: str):
 def token_measure(count_as_if: dict[str, str] | None = None):
     """The fake's tokenizer: a quarter of the characters, rounded up, counting each
     `real` string of count_as_if as if it were its `shown` string."""
+
     def measure(text: str) -> int:
         length = len(text)
         for real, shown in (count_as_if or {}).items():
             if real in text:
                 length += text.count(real) * (len(shown) - len(real))
         return (length + 3) // 4
+
     return measure
 
 
@@ -486,8 +537,11 @@ class PromptCache:
         for part in parts:
             total += part.tokens
             ends.append(total)
-        breakpoints = [i for i, part in enumerate(parts)
-                       if isinstance(part.cache_control, dict) and ends[i] >= minimum]
+        breakpoints = [
+            i
+            for i, part in enumerate(parts)
+            if isinstance(part.cache_control, dict) and ends[i] >= minimum
+        ]
         if not breakpoints:
             return CacheUsage(0, 0, {"5m": 0, "1h": 0})
         keys = self.prefix_keys(model, parts, breakpoints[-1])
@@ -513,7 +567,7 @@ class PromptCache:
     def prefix_keys(model: str, parts: list[PromptPart], last: int) -> list[tuple[str, bytes]]:
         """(model, hash of the prefix up to part i) for i up to `last`."""
         digest, keys = hashlib.sha256(), []
-        for part in parts[:last + 1]:
+        for part in parts[: last + 1]:
             digest.update(part.text.encode())
             digest.update(b"\0")
             keys.append((model, digest.copy().digest()))
@@ -630,11 +684,16 @@ class FakeAnthropic:
             model = str(body.get("model"))
             minimum = self.min_cache_tokens or min_cacheable_tokens(model)
             cached = self.cache.account(model, parts, minimum, self.clock())
-        usage = {"input_tokens": total - cached.read - cached.created, "output_tokens": out,
-                 "cache_creation_input_tokens": cached.created,
-                 "cache_read_input_tokens": cached.read,
-                 "cache_creation": {"ephemeral_5m_input_tokens": cached.created_by_ttl["5m"],
-                                    "ephemeral_1h_input_tokens": cached.created_by_ttl["1h"]}}
+        usage = {
+            "input_tokens": total - cached.read - cached.created,
+            "output_tokens": out,
+            "cache_creation_input_tokens": cached.created,
+            "cache_read_input_tokens": cached.read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": cached.created_by_ttl["5m"],
+                "ephemeral_1h_input_tokens": cached.created_by_ttl["1h"],
+            },
+        }
         usage.update(step["usage"])  # a scripted override wins
         return step, usage
 
@@ -658,12 +717,16 @@ class FakeAnthropic:
                     return self.send_error_step(step)
                 if isinstance(body, dict) and body.get("stream"):
                     return self.send_stream(body, step, usage)
-                return self.send_json(200, message_json(body if isinstance(body, dict) else {},
-                                                        step, usage))
+                return self.send_json(
+                    200, message_json(body if isinstance(body, dict) else {}, step, usage)
+                )
 
             def send_error_step(self, step: dict) -> None:
-                body = {"type": "error", "request_id": "req_fake",
-                        "error": {"type": step["type"], "message": step["message"]}}
+                body = {
+                    "type": "error",
+                    "request_id": "req_fake",
+                    "error": {"type": step["type"], "message": step["message"]},
+                }
                 self.send_json(step["status"], body, {"request-id": "req_fake", **step["headers"]})
 
             def send_stream(self, body: dict, step: dict, usage: dict) -> None:
@@ -687,9 +750,16 @@ class FakeAnthropic:
 
 
 def message_json(body: dict, step: dict, usage: dict) -> dict:
-    return {"id": f"msg_fake{next(_ids):04d}", "type": "message", "role": "assistant",
-            "model": body.get("model", "fake"), "content": step["content"],
-            "stop_reason": step["stop_reason"], "stop_sequence": None, "usage": usage}
+    return {
+        "id": f"msg_fake{next(_ids):04d}",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", "fake"),
+        "content": step["content"],
+        "stop_reason": step["stop_reason"],
+        "stop_sequence": None,
+        "usage": usage,
+    }
 
 
 def stream_events(body: dict, step: dict, usage: dict):
@@ -702,12 +772,24 @@ def stream_events(body: dict, step: dict, usage: dict):
     first_chunk_sent = False
     for index, block in enumerate(step["content"]):
         if block["type"] == "text":
-            yield "content_block_start", {"type": "content_block_start", "index": index,
-                                          "content_block": {"type": "text", "text": ""}}
+            yield (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
             chunks = step["chunks"] or split_words(block["text"])
             for chunk in chunks:
-                yield "content_block_delta", {"type": "content_block_delta", "index": index,
-                                              "delta": {"type": "text_delta", "text": chunk}}
+                yield (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "text_delta", "text": chunk},
+                    },
+                )
                 if not first_chunk_sent:
                     first_chunk_sent = True
                     if step["gate"] is not None:
@@ -716,18 +798,37 @@ def stream_events(body: dict, step: dict, usage: dict):
                         yield "error", stream_error_event(step)
                         return
         else:
-            yield "content_block_start", {"type": "content_block_start", "index": index,
-                                          "content_block": dict(block, input={})}
-            yield "content_block_delta", {"type": "content_block_delta", "index": index,
-                                          "delta": {"type": "input_json_delta",
-                                                    "partial_json": json.dumps(block["input"])}}
+            yield (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": dict(block, input={}),
+                },
+            )
+            yield (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {
+                        "type": "input_json_delta",
+                        "partial_json": json.dumps(block["input"]),
+                    },
+                },
+            )
         yield "content_block_stop", {"type": "content_block_stop", "index": index}
     if step["stream_error"] and not first_chunk_sent:
         yield "error", stream_error_event(step)
         return
-    yield "message_delta", {"type": "message_delta",
-                            "delta": {"stop_reason": step["stop_reason"], "stop_sequence": None},
-                            "usage": {"output_tokens": usage["output_tokens"]}}
+    yield (
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": step["stop_reason"], "stop_sequence": None},
+            "usage": {"output_tokens": usage["output_tokens"]},
+        },
+    )
     yield "message_stop", {"type": "message_stop"}
 
 

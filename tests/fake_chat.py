@@ -56,6 +56,7 @@ while the message is unanswered; whether the gateway's typing call reaches the f
 before its reply depends on timing, so a replay that must match byte for byte passes
 show_typing=False.
 """
+
 from __future__ import annotations
 
 import socket
@@ -101,20 +102,21 @@ class ChatUser:
     """One person in a chat app. Subclasses know their platform: how a message is
     delivered (send), which chat a reply went to (a key), how chats are named, and the
     commands that differ (who, become, group, photo, and their own extra ones)."""
+
     help_text = ""
 
     def __init__(self, user_id, name: str, out=None, show_typing: bool = True):
         self.user_id, self.name = user_id, name
-        self.names = {user_id: name}    # who you have been: replies to their chats are labelled
-        self.titles: dict = {}          # group chat -> title
-        self.chat = None                # None: your direct chat with the bot; else a group's id
-        self.thread = None              # a forum topic in that group (Telegram)
+        self.names = {user_id: name}  # who you have been: replies to their chats are labelled
+        self.titles: dict = {}  # group chat -> title
+        self.chat = None  # None: your direct chat with the bot; else a group's id
+        self.thread = None  # a forum topic in that group (Telegram)
         self.out, self.redraw, self.show_typing = out, False, show_typing
         self.changed = threading.Condition()  # guards everything below; shown lines keep order
         self.lines: list[str] = []
         self.replies: list[str] = []
-        self.returned = 0               # replies already returned by wait_for_reply / take_replies
-        self.expecting: set = set()     # chats with a message not answered yet (typing shows there)
+        self.returned = 0  # replies already returned by wait_for_reply / take_replies
+        self.expecting: set = set()  # chats with a message not answered yet (typing shows there)
         self.at_prompt = False
 
     # --- what the platform provides -----------------------------------------------------
@@ -152,8 +154,14 @@ class ChatUser:
         raise NotImplementedError
 
     def commands(self) -> dict:
-        return {"/help": self.show_help, "/who": self.who, "/direct": self.direct,
-                "/as": self.become, "/group": self.group, "/photo": self.photo}
+        return {
+            "/help": self.show_help,
+            "/who": self.who,
+            "/direct": self.direct,
+            "/as": self.become,
+            "/group": self.group,
+            "/photo": self.photo,
+        }
 
     # --- the scripted API ---------------------------------------------------------------------
     @property
@@ -203,16 +211,18 @@ class ChatUser:
             while len(self.replies) - self.returned < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    new = self.replies[self.returned:]
-                    raise TimeoutError(f"waited {timeout:g} s for {count} replies; got {len(new)}: "
-                                       f"{new!r}\n--- transcript ---\n{''.join(self.lines)}")
+                    new = self.replies[self.returned :]
+                    raise TimeoutError(
+                        f"waited {timeout:g} s for {count} replies; got {len(new)}: "
+                        f"{new!r}\n--- transcript ---\n{''.join(self.lines)}"
+                    )
                 self.changed.wait(left)
             return self.take_replies()
 
     def take_replies(self) -> list[str]:
         """The replies no earlier call returned, without waiting."""
         with self.changed:
-            new, self.returned = self.replies[self.returned:], len(self.replies)
+            new, self.returned = self.replies[self.returned :], len(self.replies)
             return new
 
     def show_banner(self) -> None:
@@ -233,6 +243,7 @@ class ChatUser:
                 return
             if self.at_prompt and self.redraw:
                 import readline
+
                 self.out.write(f"\r\033[K{text}\n{self.prompt}{readline.get_line_buffer()}")
             else:
                 self.out.write(text + "\n")
@@ -283,6 +294,7 @@ def run_terminal(user: ChatUser) -> int:
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing, and the buffer to draw again)
+
             user.redraw = True
         except ImportError:
             pass

@@ -28,6 +28,7 @@ those payloads (url_verification, im.message.receive_v1) for a test to send.
     fs.expire_tokens()      # every issued token stops working
     fs.watchers             # functions called with (what, details): "message", "token_refused"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,23 @@ from local_server import LocalServer, QuietHandler
 
 RECEIVE_ID_TYPES = {"open_id", "user_id", "union_id", "email", "chat_id"}
 INVALID_TOKEN_CODE = 99991663  # the fake's code for a missing, unknown or expired tenant token
-DEFAULT_PORT = 18782   # the script's; the gateway has 18789
-WEBHOOK_PORT = 18790   # where s04's webhook listens unless FEISHU_WEBHOOK_PORT says otherwise
+DEFAULT_PORT = 18782  # the script's; the gateway has 18789
+WEBHOOK_PORT = 18790  # where s04's webhook listens unless FEISHU_WEBHOOK_PORT says otherwise
 SCRIPT_APP = ("cli_fake_app", "fake-app-secret", "fake-verification-token")
 
 
 class FakeFeishu:
-    def __init__(self, app_id: str = "cli_test_app", app_secret: str = "test-secret",
-                 token_ttl: int = 7200, verification_token: str = "verify-me", port: int = 0):
+    def __init__(
+        self,
+        app_id: str = "cli_test_app",
+        app_secret: str = "test-secret",
+        token_ttl: int = 7200,
+        verification_token: str = "verify-me",
+        port: int = 0,
+    ):
         self.app_id, self.app_secret, self.token_ttl = app_id, app_secret, token_ttl
         self.verification_token = verification_token  # what this app's events carry
-        self.tokens: dict[str, float] = {}    # token -> when it expires (monotonic)
+        self.tokens: dict[str, float] = {}  # token -> when it expires (monotonic)
         self.token_requests = 0
         self.sent: list[dict] = []
         self.watchers: list = []
@@ -95,27 +102,36 @@ class FakeFeishu:
         if not known:
             self.notify("token_refused", body)
             return 200, {"code": 10014, "msg": "app_id or app_secret is invalid"}
-        return 200, {"code": 0, "msg": "ok", "tenant_access_token": token,
-                     "expire": self.token_ttl}
+        return 200, {"code": 0, "msg": "ok", "tenant_access_token": token, "expire": self.token_ttl}
 
     def send_message(self, headers, query: dict, body: dict) -> tuple[int, dict]:
         token = (headers.get("authorization") or "").removeprefix("Bearer ").strip()
         with self.lock:
             valid = self.tokens.get(token, 0.0) > time.monotonic()
         if not valid:
-            return 400, {"code": INVALID_TOKEN_CODE,
-                         "msg": "Invalid access token for authorization."}
+            return 400, {
+                "code": INVALID_TOKEN_CODE,
+                "msg": "Invalid access token for authorization.",
+            }
         id_type = query.get("receive_id_type")
         if id_type not in RECEIVE_ID_TYPES:
-            return 400, {"code": 99992402,
-                         "msg": f"field validation failed: receive_id_type {id_type!r}"}
+            return 400, {
+                "code": 99992402,
+                "msg": f"field validation failed: receive_id_type {id_type!r}",
+            }
         try:
             content = json.loads(body["content"])
         except (KeyError, TypeError, ValueError):
-            return 400, {"code": 99992402,
-                         "msg": "field validation failed: content must be a JSON string"}
-        record = {"receive_id_type": id_type, "receive_id": body.get("receive_id"),
-                  "msg_type": body.get("msg_type"), "text": content.get("text")}
+            return 400, {
+                "code": 99992402,
+                "msg": "field validation failed: content must be a JSON string",
+            }
+        record = {
+            "receive_id_type": id_type,
+            "receive_id": body.get("receive_id"),
+            "msg_type": body.get("msg_type"),
+            "text": content.get("text"),
+        }
         with self.lock:
             self.sent.append(record)
             message_id = f"om_fake_{next(self._numbers)}"
@@ -147,23 +163,43 @@ class FakeFeishu:
 
 # --- Inbound event payloads, as Feishu posts them to a bot's webhook ----------------------------
 
+
 def url_verification(challenge: str, token: str) -> dict:
     return {"challenge": challenge, "token": token, "type": "url_verification"}
 
 
-def message_event(text: str, open_id: str, token: str, chat_id: str = "oc_fake_chat",
-                  chat_type: str = "p2p", event_id: str | None = None,
-                  app_id: str = "cli_test_app", image_key: str | None = None) -> dict:
+def message_event(
+    text: str,
+    open_id: str,
+    token: str,
+    chat_id: str = "oc_fake_chat",
+    chat_type: str = "p2p",
+    event_id: str | None = None,
+    app_id: str = "cli_test_app",
+    image_key: str | None = None,
+) -> dict:
     """An im.message.receive_v1 event (schema 2.0): a text message, or with image_key an
     image (which has no words)."""
     kind, content = ("image", {"image_key": image_key}) if image_key else ("text", {"text": text})
-    header = {"event_id": event_id or f"ev_{time.time_ns()}", "token": token,
-              "create_time": str(int(time.time() * 1000)), "event_type": "im.message.receive_v1",
-              "tenant_key": "fake_tenant", "app_id": app_id}
-    sender = {"sender_id": {"open_id": open_id, "user_id": None, "union_id": None},
-              "sender_type": "user"}
-    message = {"message_id": f"om_in_{time.time_ns()}", "chat_id": chat_id, "chat_type": chat_type,
-               "message_type": kind, "content": json.dumps(content)}
+    header = {
+        "event_id": event_id or f"ev_{time.time_ns()}",
+        "token": token,
+        "create_time": str(int(time.time() * 1000)),
+        "event_type": "im.message.receive_v1",
+        "tenant_key": "fake_tenant",
+        "app_id": app_id,
+    }
+    sender = {
+        "sender_id": {"open_id": open_id, "user_id": None, "union_id": None},
+        "sender_type": "user",
+    }
+    message = {
+        "message_id": f"om_in_{time.time_ns()}",
+        "chat_id": chat_id,
+        "chat_type": chat_type,
+        "message_type": kind,
+        "content": json.dumps(content),
+    }
     return {"schema": "2.0", "header": header, "event": {"sender": sender, "message": message}}
 
 
@@ -190,10 +226,18 @@ class FeishuUser(ChatUser):
     section's webhook (127.0.0.1:webhook_port); the replies it sends through the
     FakeFeishu's open API come back here. last_status: the webhook's HTTP status for the
     last event (None: it could not be reached)."""
+
     help_text = FEISHU_HELP
 
-    def __init__(self, fake: FakeFeishu, webhook_port: int = WEBHOOK_PORT,
-                 open_id: str = "ou_ada", name: str = "Ada", *, out=None):
+    def __init__(
+        self,
+        fake: FakeFeishu,
+        webhook_port: int = WEBHOOK_PORT,
+        open_id: str = "ou_ada",
+        name: str = "Ada",
+        *,
+        out=None,
+    ):
         super().__init__(open_id, name, out, show_typing=False)  # Feishu shows no typing
         self.fake, self.webhook_port = fake, webhook_port
         self.token = fake.verification_token
@@ -206,31 +250,41 @@ class FeishuUser(ChatUser):
         return f"http://127.0.0.1:{self.webhook_port}/"
 
     def env(self) -> dict[str, str]:
-        return {"FEISHU_APP_ID": self.fake.app_id, "FEISHU_APP_SECRET": self.fake.app_secret,
-                "FEISHU_VERIFICATION_TOKEN": self.fake.verification_token,
-                "FEISHU_WEBHOOK_PORT": str(self.webhook_port),
-                "FEISHU_API_BASE": self.fake.api_base}
+        return {
+            "FEISHU_APP_ID": self.fake.app_id,
+            "FEISHU_APP_SECRET": self.fake.app_secret,
+            "FEISHU_VERIFICATION_TOKEN": self.fake.verification_token,
+            "FEISHU_WEBHOOK_PORT": str(self.webhook_port),
+            "FEISHU_API_BASE": self.fake.api_base,
+        }
 
     def banner(self) -> list[str]:
-        return [f"Fake Feishu open platform on {self.fake.api_base} "
-                "(no account needed; nothing leaves this machine).",
-                f"Your messages are POSTed as events to the section's webhook, {self.webhook}",
-                "Put these lines in .env (or export them in the section's terminal), "
-                "then start a section, s04 or later:", "",
-                *(f"{name}={value}" for name, value in self.env().items()), "",
-                f"You are {self.name} ({self.user_id}), in a direct (p2p) chat with the bot. "
-                "A section does not know you yet:",
-                "your first message gets a pairing code to approve at its terminal "
-                f"(or set FEISHU_ALLOW_FROM={self.user_id}).",
-                "/help lists the commands; quit leaves."]
+        return [
+            f"Fake Feishu open platform on {self.fake.api_base} "
+            "(no account needed; nothing leaves this machine).",
+            f"Your messages are POSTed as events to the section's webhook, {self.webhook}",
+            "Put these lines in .env (or export them in the section's terminal), "
+            "then start a section, s04 or later:",
+            "",
+            *(f"{name}={value}" for name, value in self.env().items()),
+            "",
+            f"You are {self.name} ({self.user_id}), in a direct (p2p) chat with the bot. "
+            "A section does not know you yet:",
+            "your first message gets a pairing code to approve at its terminal "
+            f"(or set FEISHU_ALLOW_FROM={self.user_id}).",
+            "/help lists the commands; quit leaves.",
+        ]
 
     def close(self) -> None:
         if self.on_call in self.fake.watchers:
             self.fake.watchers.remove(self.on_call)
 
     def wait_for_gateway(self, timeout: float = 10.0) -> None:
-        wait_until(lambda: port_is_open(self.webhook_port), timeout,
-                   f"nothing listens at {self.webhook} after {timeout:g} s")
+        wait_until(
+            lambda: port_is_open(self.webhook_port),
+            timeout,
+            f"nothing listens at {self.webhook} after {timeout:g} s",
+        )
 
     # --- messages out, replies in ----------------------------------------------------------------
     def key(self):
@@ -248,12 +302,20 @@ class FeishuUser(ChatUser):
         if self.chat is not None:
             # Feishu delivers a group's messages that @mention the bot; "@_user_1" stands for it
             chat_type, text = "group", f"@_user_1 {text}"
-        event = message_event(text, self.user_id, self.token, chat_id, chat_type,
-                              event_id=f"ev_{uuid.uuid4().hex}", app_id=self.fake.app_id,
-                              image_key=None if photo is None else "img_v3_fake")
+        event = message_event(
+            text,
+            self.user_id,
+            self.token,
+            chat_id,
+            chat_type,
+            event_id=f"ev_{uuid.uuid4().hex}",
+            app_id=self.fake.app_id,
+            image_key=None if photo is None else "img_v3_fake",
+        )
         if self.chat is not None:
             event["event"]["message"]["mentions"] = [
-                {"key": "@_user_1", "id": {"open_id": "ou_fake_bot"}, "name": "Gateway"}]
+                {"key": "@_user_1", "id": {"open_id": "ou_fake_bot"}, "name": "Gateway"}
+            ]
         self.expect_reply()
         status, answer = self.post(event)
         if status is not None and status != 200:
@@ -264,8 +326,11 @@ class FeishuUser(ChatUser):
     def post(self, body: dict) -> tuple[int | None, str]:
         """POST one event to the webhook: (HTTP status, its answer as safe text); status None
         when nothing answered."""
-        request = urllib.request.Request(self.webhook, data=json.dumps(body).encode(),
-                                         headers={"content-type": "application/json"})
+        request = urllib.request.Request(
+            self.webhook,
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=15) as response:
                 status, raw = response.status, response.read()
@@ -274,9 +339,11 @@ class FeishuUser(ChatUser):
         except (OSError, ValueError) as exc:
             self.last_status = None
             reason = getattr(exc, "reason", exc)
-            self.note(f"cannot reach the section's webhook at {self.webhook}: "
-                      f"{getattr(reason, 'strerror', None) or reason}. Is a section running "
-                      "with the lines above? The event is lost")
+            self.note(
+                f"cannot reach the section's webhook at {self.webhook}: "
+                f"{getattr(reason, 'strerror', None) or reason}. Is a section running "
+                "with the lines above? The event is lost"
+            )
             return None, ""
         self.last_status = status
         try:
@@ -289,12 +356,15 @@ class FeishuUser(ChatUser):
     def on_call(self, what: str, details: dict) -> None:
         """What the fake's open API was asked (from its server threads)."""
         if what == "message":
-            self.received((details["receive_id_type"], details["receive_id"]),
-                          details.get("text") or "")
+            self.received(
+                (details["receive_id_type"], details["receive_id"]), details.get("text") or ""
+            )
         elif what == "token_refused" and not self.told_refused:
             self.told_refused = True
-            self.note("the section asked for a tenant token with another FEISHU_APP_ID / "
-                      "FEISHU_APP_SECRET than this fake's, and was refused: it cannot reply")
+            self.note(
+                "the section asked for a tenant token with another FEISHU_APP_ID / "
+                "FEISHU_APP_SECRET than this fake's, and was refused: it cannot reply"
+            )
 
     # --- commands -------------------------------------------------------------------------------
     def commands(self) -> dict:
@@ -303,15 +373,18 @@ class FeishuUser(ChatUser):
     def who(self, arg: str) -> None:
         kind = "direct" if self.chat is None else "group"
         where = "a direct (p2p) chat with the bot" if self.chat is None else self.where()
-        self.show(f"You are {self.name} ({self.user_id}), in {where}. s04's session key for this "
-                  f"chat: feishu:{kind}:{self.key()[1]}. Your events carry the verification "
-                  f"token {self.token!r}.")
+        self.show(
+            f"You are {self.name} ({self.user_id}), in {where}. s04's session key for this "
+            f"chat: feishu:{kind}:{self.key()[1]}. Your events carry the verification "
+            f"token {self.token!r}."
+        )
 
     def become(self, arg: str) -> None:
         open_id, _, name = arg.partition(" ")
         if not re.fullmatch(r"ou_\w+", open_id):
-            raise ValueError("Usage: /as OPEN_ID [NAME], e.g. /as ou_bob Bob "
-                             "(Feishu open_ids start with ou_)")
+            raise ValueError(
+                "Usage: /as OPEN_ID [NAME], e.g. /as ou_bob Bob (Feishu open_ids start with ou_)"
+            )
         self.user_id = open_id
         self.name = name.strip() or self.names.get(open_id) or open_id
         self.names[open_id] = self.name
@@ -320,8 +393,10 @@ class FeishuUser(ChatUser):
     def group(self, arg: str) -> None:
         chat, _, title = arg.partition(" ")
         if not re.fullmatch(r"oc_\w+", chat):
-            raise ValueError("Usage: /group CHAT_ID [TITLE], e.g. /group oc_team Team "
-                             "(Feishu chat ids start with oc_)")
+            raise ValueError(
+                "Usage: /group CHAT_ID [TITLE], e.g. /group oc_team Team "
+                "(Feishu chat ids start with oc_)"
+            )
         self.chat = chat
         if title.strip():
             self.titles[chat] = title.strip()
@@ -347,22 +422,31 @@ class FeishuUser(ChatUser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A fake Feishu to chat with a section as a "
-                                     "Feishu user, without an account.")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"the fake open API's port on 127.0.0.1 (default {DEFAULT_PORT}; "
-                        "0 picks a free one)")
-    parser.add_argument("--webhook-port", type=int, default=WEBHOOK_PORT,
-                        help="the section's FEISHU_WEBHOOK_PORT, where events are POSTed "
-                        f"(default {WEBHOOK_PORT})")
+    parser = argparse.ArgumentParser(
+        description="A fake Feishu to chat with a section as a Feishu user, without an account."
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"the fake open API's port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--webhook-port",
+        type=int,
+        default=WEBHOOK_PORT,
+        help=f"the section's FEISHU_WEBHOOK_PORT, where events are POSTed (default {WEBHOOK_PORT})",
+    )
     args = parser.parse_args(argv)
     app_id, app_secret, verification_token = SCRIPT_APP
     try:
-        fake = FakeFeishu(app_id, app_secret, verification_token=verification_token,
-                          port=args.port)
+        fake = FakeFeishu(app_id, app_secret, verification_token=verification_token, port=args.port)
     except OSError as exc:
-        print(f"cannot listen on 127.0.0.1:{args.port} ({exc.strerror}); "
-              "pick another port with --port", file=sys.stderr)
+        print(
+            f"cannot listen on 127.0.0.1:{args.port} ({exc.strerror}); "
+            "pick another port with --port",
+            file=sys.stderr,
+        )
         return 2
     fake.start()
     try:

@@ -26,6 +26,7 @@ tg.calls as (monotonic time, method, params), so a test can measure how fast
 a client polls while the API is failing. tg.watchers: functions called with
 (method, params) for each call answered (method None: a call with another token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,15 @@ from urllib.parse import parse_qs
 from fake_chat import ChatUser, run_terminal, wait_until
 from local_server import LocalServer, QuietHandler
 
-NUMERIC = {"chat_id", "message_thread_id", "offset", "timeout", "limit", "message_id",
-           "reply_to_message_id"}
+NUMERIC = {
+    "chat_id",
+    "message_thread_id",
+    "offset",
+    "timeout",
+    "limit",
+    "message_id",
+    "reply_to_message_id",
+}
 LONG_POLL_CAP = 5.0  # seconds a getUpdates may wait here, whatever timeout the client asks for
 DEFAULT_PORT = 18781  # the script's; the gateway has 18789 and Feishu's webhook 18790
 SCRIPT_TOKEN = "123456:FAKE"
@@ -48,16 +56,21 @@ SCRIPT_USERNAME = "fake_gateway_bot"
 
 
 class FakeTelegram:
-    def __init__(self, token: str = "123456:TEST-TOKEN", username: str = "gateway_test_bot",
-                 port: int = 0, first_update_id: int = 1):
+    def __init__(
+        self,
+        token: str = "123456:TEST-TOKEN",
+        username: str = "gateway_test_bot",
+        port: int = 0,
+        first_update_id: int = 1,
+    ):
         self.token = token
         self.username = username
-        self.updates: list[dict] = []       # not yet confirmed by an offset
-        self.sent: list[dict] = []          # sendMessage parameters, in order
-        self.actions: list[dict] = []       # sendChatAction parameters
+        self.updates: list[dict] = []  # not yet confirmed by an offset
+        self.sent: list[dict] = []  # sendMessage parameters, in order
+        self.actions: list[dict] = []  # sendChatAction parameters
         self.calls: list[tuple[float, str, dict]] = []
         self.failures: list[tuple[int | None, str, str | None]] = []
-        self.watchers: list = []            # called with (method, params) for each call answered
+        self.watchers: list = []  # called with (method, params) for each call answered
         self.changed = threading.Condition()
         self._update_ids = count(first_update_id)
         self._message_ids = count(1000)
@@ -91,14 +104,27 @@ class FakeTelegram:
             self.changed.notify_all()
         return update
 
-    def private_message(self, text: str, user_id: int, first_name: str = "Ada",
-                        username: str = "ada") -> dict:
-        return self._message(text, {"id": user_id, "type": "private", "first_name": first_name},
-                             user_id, first_name, username)
+    def private_message(
+        self, text: str, user_id: int, first_name: str = "Ada", username: str = "ada"
+    ) -> dict:
+        return self._message(
+            text,
+            {"id": user_id, "type": "private", "first_name": first_name},
+            user_id,
+            first_name,
+            username,
+        )
 
-    def group_message(self, text: str, user_id: int, chat_id: int, title: str = "Team",
-                      thread_id: int | None = None, first_name: str = "Ada",
-                      username: str = "ada") -> dict:
+    def group_message(
+        self,
+        text: str,
+        user_id: int,
+        chat_id: int,
+        title: str = "Team",
+        thread_id: int | None = None,
+        first_name: str = "Ada",
+        username: str = "ada",
+    ) -> dict:
         chat = {"id": chat_id, "type": "supergroup", "title": title}
         if thread_id is not None:
             chat["is_forum"] = True
@@ -109,11 +135,17 @@ class FakeTelegram:
 
     def _message(self, text: str, chat: dict, user_id: int, first_name: str, username: str) -> dict:
         sender = {"id": user_id, "is_bot": False, "first_name": first_name, "username": username}
-        return {"message_id": next(self._message_ids), "date": int(time.time()), "chat": chat,
-                "text": text, "from": sender}
+        return {
+            "message_id": next(self._message_ids),
+            "date": int(time.time()),
+            "chat": chat,
+            "text": text,
+            "from": sender,
+        }
 
-    def fail(self, status: int | None, description: str = "", times: int = 1,
-             method: str | None = None) -> None:
+    def fail(
+        self, status: int | None, description: str = "", times: int = 1, method: str | None = None
+    ) -> None:
         """Answer the next `times` calls (of `method`, or of any method) with an error
         (status None: drop the connection)."""
         with self.changed:
@@ -146,9 +178,15 @@ class FakeTelegram:
 
     def result(self, method: str, params: dict):
         if method == "getMe":
-            return {"id": int(self.token.split(":")[0]), "is_bot": True, "first_name": "Gateway",
-                    "username": self.username, "can_join_groups": True,
-                    "can_read_all_group_messages": False, "supports_inline_queries": False}
+            return {
+                "id": int(self.token.split(":")[0]),
+                "is_bot": True,
+                "first_name": "Gateway",
+                "username": self.username,
+                "can_join_groups": True,
+                "can_read_all_group_messages": False,
+                "supports_inline_queries": False,
+            }
         if method in ("deleteWebhook", "setMyCommands", "close"):
             return True
         if method == "sendChatAction":
@@ -160,9 +198,12 @@ class FakeTelegram:
                 self.sent.append(params)
                 self.changed.notify_all()
             chat_type = "private" if params["chat_id"] > 0 else "supergroup"
-            result = {"message_id": next(self._message_ids), "date": int(time.time()),
-                      "chat": {"id": params["chat_id"], "type": chat_type},
-                      "text": params.get("text", "")}
+            result = {
+                "message_id": next(self._message_ids),
+                "date": int(time.time()),
+                "chat": {"id": params["chat_id"], "type": chat_type},
+                "text": params.get("text", ""),
+            }
             if "message_thread_id" in params:
                 result["message_thread_id"] = params["message_thread_id"]
             return result
@@ -187,7 +228,7 @@ class FakeTelegram:
                 raw = self.rfile.read(length).decode()
                 params = {k: int(v[0]) if k in NUMERIC else v[0] for k, v in parse_qs(raw).items()}
                 prefix = f"/bot{fake.token}/"
-                method = self.path[len(prefix):] if self.path.startswith(prefix) else None
+                method = self.path[len(prefix) :] if self.path.startswith(prefix) else None
                 fake.calls.append((time.monotonic(), method or self.path, params))
                 with fake.changed:
                     due = [f for f in fake.failures if f[2] in (None, method)]
@@ -196,21 +237,29 @@ class FakeTelegram:
                         fake.failures.remove(failure)
                 if method is None:
                     fake.notify(None, {"path": self.path})
-                    return self.reply(404, {"ok": False, "error_code": 404,
-                                            "description": "Not Found"})
+                    return self.reply(
+                        404, {"ok": False, "error_code": 404, "description": "Not Found"}
+                    )
                 if failure is not None:
                     status, description, _ = failure
                     if status is None:  # a network outage: no answer at all
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
-                    return self.reply(status, {"ok": False, "error_code": status,
-                                               "description": description})
+                    return self.reply(
+                        status, {"ok": False, "error_code": status, "description": description}
+                    )
                 try:
                     result = fake.answer(method, params)
                 except LookupError:
-                    return self.reply(404, {"ok": False, "error_code": 404,
-                                            "description": "Not Found: method not found"})
+                    return self.reply(
+                        404,
+                        {
+                            "ok": False,
+                            "error_code": 404,
+                            "description": "Not Found: method not found",
+                        },
+                    )
                 self.reply(200, {"ok": True, "result": result})
 
             do_GET = do_POST
@@ -222,8 +271,15 @@ class FakeTelegram:
 def with_photo(message: dict, caption: str = "") -> dict:
     """The message as a photo (with its caption, if any) instead of words."""
     del message["text"]
-    message["photo"] = [{"file_id": "fake-photo", "file_unique_id": "fake-photo-1",
-                         "width": 640, "height": 480, "file_size": 20480}]
+    message["photo"] = [
+        {
+            "file_id": "fake-photo",
+            "file_unique_id": "fake-photo-1",
+            "width": 640,
+            "height": 480,
+            "file_size": 20480,
+        }
+    ]
     if caption:
         message["caption"] = caption
     return message
@@ -246,10 +302,18 @@ Start a line with // to send it with one slash less: //help sends /help to the b
 class TelegramUser(ChatUser):
     """A Telegram user talking to the bot of a FakeTelegram: messages are pushed as updates
     for the section's getUpdates; its sendMessage and sendChatAction calls come back here."""
+
     help_text = TELEGRAM_HELP
 
-    def __init__(self, fake: FakeTelegram, user_id: int = 42, name: str = "Ada", *, out=None,
-                 show_typing: bool = True):
+    def __init__(
+        self,
+        fake: FakeTelegram,
+        user_id: int = 42,
+        name: str = "Ada",
+        *,
+        out=None,
+        show_typing: bool = True,
+    ):
         super().__init__(user_id, name, out, show_typing)
         self.fake = fake
         self.told_waiting = self.told_token = False
@@ -259,24 +323,31 @@ class TelegramUser(ChatUser):
         return {"TELEGRAM_BOT_TOKEN": self.fake.token, "TELEGRAM_API_BASE": self.fake.api_base}
 
     def banner(self) -> list[str]:
-        return [f"Fake Telegram Bot API on {self.fake.api_base} "
-                "(no account needed; nothing leaves this machine).",
-                "Put these lines in .env (or export them in the section's terminal), "
-                "then start a section, s04 or later:", "",
-                *(f"{name}={value}" for name, value in self.env().items()), "",
-                f"You are {self.name} (user {self.user_id}), in a direct chat with "
-                f"@{self.fake.username}. A section does not know you yet: your first",
-                "message gets a pairing code to approve at its terminal "
-                f"(or set TELEGRAM_ALLOW_FROM={self.user_id}).",
-                "/help lists the commands; quit leaves."]
+        return [
+            f"Fake Telegram Bot API on {self.fake.api_base} "
+            "(no account needed; nothing leaves this machine).",
+            "Put these lines in .env (or export them in the section's terminal), "
+            "then start a section, s04 or later:",
+            "",
+            *(f"{name}={value}" for name, value in self.env().items()),
+            "",
+            f"You are {self.name} (user {self.user_id}), in a direct chat with "
+            f"@{self.fake.username}. A section does not know you yet: your first",
+            "message gets a pairing code to approve at its terminal "
+            f"(or set TELEGRAM_ALLOW_FROM={self.user_id}).",
+            "/help lists the commands; quit leaves.",
+        ]
 
     def close(self) -> None:
         if self.on_call in self.fake.watchers:
             self.fake.watchers.remove(self.on_call)
 
     def wait_for_gateway(self, timeout: float = 10.0) -> None:
-        wait_until(lambda: self.fake.calls_of("getUpdates"), timeout,
-                   f"no bot polled {self.fake.api_base} within {timeout:g} s")
+        wait_until(
+            lambda: self.fake.calls_of("getUpdates"),
+            timeout,
+            f"no bot polled {self.fake.api_base} within {timeout:g} s",
+        )
 
     # --- messages out, replies in ----------------------------------------------------------------
     def key(self):
@@ -294,9 +365,14 @@ class TelegramUser(ChatUser):
         if self.chat is None:
             message = self.fake.private_message(text, self.user_id, **who)
         else:
-            message = self.fake.group_message(text, self.user_id, self.chat,
-                                              self.titles.get(self.chat) or "Group",
-                                              self.thread, **who)
+            message = self.fake.group_message(
+                text,
+                self.user_id,
+                self.chat,
+                self.titles.get(self.chat) or "Group",
+                self.thread,
+                **who,
+            )
         if photo is not None:
             message = with_photo(message, photo)
         self.expect_reply()
@@ -320,8 +396,10 @@ class TelegramUser(ChatUser):
                     self.note("a bot is polling now: it gets the messages that waited")
         elif method is None and not self.told_token:
             self.told_token = True
-            self.note(f"a client called with another bot token than {self.fake.token}; "
-                      "it was told 404 Not Found, as Telegram answers a token it does not know")
+            self.note(
+                f"a client called with another bot token than {self.fake.token}; "
+                "it was told 404 Not Found, as Telegram answers a token it does not know"
+            )
 
     # --- commands -------------------------------------------------------------------------------
     def commands(self) -> dict:
@@ -331,14 +409,17 @@ class TelegramUser(ChatUser):
         kind = "direct" if self.chat is None else "group"
         key = f"telegram:{kind}:{self.key()[0]}" + (f":topic:{self.thread}" if self.thread else "")
         where = "a direct chat with the bot" if self.chat is None else self.where()
-        self.show(f"You are {self.name} (user {self.user_id}), in {where}. "
-                  f"s04's session key for this chat: {key}")
+        self.show(
+            f"You are {self.name} (user {self.user_id}), in {where}. "
+            f"s04's session key for this chat: {key}"
+        )
 
     def become(self, arg: str) -> None:
         user_id, _, name = arg.partition(" ")
         if not re.fullmatch(r"[1-9]\d*", user_id):
-            raise ValueError("Usage: /as ID [NAME], e.g. /as 7 Bob "
-                             "(Telegram user ids are positive)")
+            raise ValueError(
+                "Usage: /as ID [NAME], e.g. /as 7 Bob (Telegram user ids are positive)"
+            )
         self.user_id = int(user_id)
         self.name = name.strip() or self.names.get(self.user_id) or f"User {user_id}"
         self.names[self.user_id] = self.name
@@ -347,8 +428,9 @@ class TelegramUser(ChatUser):
     def group(self, arg: str) -> None:
         chat, _, title = arg.partition(" ")
         if not re.fullmatch(r"-[1-9]\d*", chat):
-            raise ValueError("Usage: /group ID [TITLE], e.g. /group -1001 Team "
-                             "(Telegram group ids are negative)")
+            raise ValueError(
+                "Usage: /group ID [TITLE], e.g. /group -1001 Team (Telegram group ids are negative)"
+            )
         self.chat, self.thread = int(chat), None
         if title.strip():
             self.titles[self.chat] = title.strip()
@@ -368,18 +450,26 @@ class TelegramUser(ChatUser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A fake Telegram to chat with a section as a "
-                                     "Telegram user, without an account.")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"the fake Bot API's port on 127.0.0.1 (default {DEFAULT_PORT}; "
-                        "0 picks a free one)")
+    parser = argparse.ArgumentParser(
+        description="A fake Telegram to chat with a section as a Telegram user, without an account."
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"the fake Bot API's port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
     args = parser.parse_args(argv)
     try:  # update ids from the clock: a section still polling with an old offset sees new ones
-        fake = FakeTelegram(SCRIPT_TOKEN, SCRIPT_USERNAME, port=args.port,
-                            first_update_id=int(time.time() * 1000))
+        fake = FakeTelegram(
+            SCRIPT_TOKEN, SCRIPT_USERNAME, port=args.port, first_update_id=int(time.time() * 1000)
+        )
     except OSError as exc:
-        print(f"cannot listen on 127.0.0.1:{args.port} ({exc.strerror}); "
-              "pick another port with --port", file=sys.stderr)
+        print(
+            f"cannot listen on 127.0.0.1:{args.port} ({exc.strerror}); "
+            "pick another port with --port",
+            file=sys.stderr,
+        )
         return 2
     fake.start()
     try:

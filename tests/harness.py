@@ -9,6 +9,7 @@
 - run_section: run a section as a learner would (subprocess, piped stdin) and
   rebuild the transcript a terminal would show.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,7 +60,9 @@ def whole_process_only(path: Path, first: str) -> None:
     tests cover the idea."""
     sections = sections_from(first)
     if path not in (sections[0], sections[-1]):
-        pytest.skip("whole-process run: first and newest section only (in-process tests cover this one)")
+        pytest.skip(
+            "whole-process run: first and newest section only (in-process tests cover this one)"
+        )
 
 
 def env_example_names() -> list[str]:
@@ -72,17 +75,31 @@ def env_example_names() -> list[str]:
 
 
 # Variables the SDK itself reads; a developer's shell must not leak them in.
-SDK_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_PROFILE", "ANTHROPIC_CONFIG_DIR", "ANTHROPIC_CUSTOM_HEADERS",
-            "ANTHROPIC_IDENTITY_TOKEN", "ANTHROPIC_IDENTITY_TOKEN_FILE", "ANTHROPIC_FEDERATION_RULE_ID",
-            "ANTHROPIC_ORGANIZATION_ID", "ANTHROPIC_LOG")
+SDK_VARS = (
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_PROFILE",
+    "ANTHROPIC_CONFIG_DIR",
+    "ANTHROPIC_CUSTOM_HEADERS",
+    "ANTHROPIC_IDENTITY_TOKEN",
+    "ANTHROPIC_IDENTITY_TOKEN_FILE",
+    "ANTHROPIC_FEDERATION_RULE_ID",
+    "ANTHROPIC_ORGANIZATION_ID",
+    "ANTHROPIC_LOG",
+)
 
 
 def section_env_values(workspace: Path, base_url: str | None, **extra: str) -> dict[str, str]:
     """The variables a test run sets: all of .env.example (blank), then ours."""
     values = {name: "" for name in env_example_names()}
-    # GATEWAY_PORT 0: each run's gateway (s05 on) takes a free port, so parallel tests never collide.
-    values.update({"WORKSPACE_DIR": str(workspace), "STATE_DIR": str(state_of(workspace)),
-                   "NO_COLOR": "1", "GATEWAY_PORT": "0"})
+    # GATEWAY_PORT 0: each run's gateway (s05 on) takes a free port: parallel tests never collide.
+    values.update(
+        {
+            "WORKSPACE_DIR": str(workspace),
+            "STATE_DIR": str(state_of(workspace)),
+            "NO_COLOR": "1",
+            "GATEWAY_PORT": "0",
+        }
+    )
     if base_url is not None:
         values.update({"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key"})
     values.update(extra)
@@ -93,7 +110,9 @@ def isolated_env(workspace: Path, base_url: str | None, **extra: str) -> dict[st
     """A full environment for a subprocess."""
     env = {k: v for k, v in os.environ.items() if k not in SDK_VARS}
     env.update(section_env_values(workspace, base_url, **extra))
-    env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"})
+    env.update(
+        {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
+    )
     return env
 
 
@@ -109,8 +128,18 @@ def main_store(module):
 
 # The tracked sample files of workspace/, and nothing else: a test never sees what a learner
 # made while following the lessons (tests/test_repo.py checks this list against git).
-SAMPLE_FILES = ("AGENTS.md", "BOOTSTRAP.md", "CRON.json", "HEARTBEAT.md", "IDENTITY.md", "MEMORY.md",
-                "SOUL.md", "TOOLS.md", "USER.md", "skills/example-skill/SKILL.md")
+SAMPLE_FILES = (
+    "AGENTS.md",
+    "BOOTSTRAP.md",
+    "CRON.json",
+    "HEARTBEAT.md",
+    "IDENTITY.md",
+    "MEMORY.md",
+    "SOUL.md",
+    "TOOLS.md",
+    "USER.md",
+    "skills/example-skill/SKILL.md",
+)
 
 
 _samples: dict[str, bytes] = {}
@@ -122,12 +151,17 @@ def sample_bytes(name: str) -> bytes:
     if not _samples:
         names = "".join(f"HEAD:workspace/{n}\n" for n in SAMPLE_FILES).encode()
         try:
-            out = subprocess.run(["git", "cat-file", "--batch"], input=names, cwd=REPO,
-                                 capture_output=True, check=True).stdout
+            out = subprocess.run(
+                ["git", "cat-file", "--batch"],
+                input=names,
+                cwd=REPO,
+                capture_output=True,
+                check=True,
+            ).stdout
             for n in SAMPLE_FILES:
                 header, _, out = out.partition(b"\n")
                 size = int(header.split()[2])
-                _samples[n], out = out[:size], out[size + 1:]
+                _samples[n], out = out[:size], out[size + 1 :]
         except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
             _samples.update({n: (WORKSPACE_SAMPLE / n).read_bytes() for n in SAMPLE_FILES})
     return _samples[name]
@@ -167,24 +201,35 @@ def rebuild_transcript(stdout: str, inputs: list[str]) -> str:
         m = pattern.search(stdout, pos)
         if not m:
             break
-        out.append(stdout[pos:m.end()])
+        out.append(stdout[pos : m.end()])
         out.append(remaining.pop(0) + "\n")
         pos = m.end()
     out.append(stdout[pos:])
     return "".join(out)
 
 
-def run_section(path: Path, inputs: list[str], env: dict[str, str], timeout: float = 60,
-                cwd: Path | None = None) -> Run:
+def run_section(
+    path: Path, inputs: list[str], env: dict[str, str], timeout: float = 60, cwd: Path | None = None
+) -> Run:
     """Run a section file with piped input from another directory, as a learner could: a
     whole process of its own (forked from a warm process that imported the libraries once,
     unless WARM_RUNS=0)."""
     cwd = cwd or Path(env["WORKSPACE_DIR"]).parent
     stdin = "".join(line + "\n" for line in inputs)
     if os.environ.get("WARM_RUNS") == "0":
-        proc = subprocess.run([sys.executable, str(path)], input=stdin, capture_output=True,
-                              text=True, env=env, timeout=timeout, cwd=str(cwd), encoding="utf-8")
-        return Run(proc.returncode, proc.stdout, proc.stderr, rebuild_transcript(proc.stdout, inputs))
+        proc = subprocess.run(
+            [sys.executable, str(path)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=str(cwd),
+            encoding="utf-8",
+        )
+        return Run(
+            proc.returncode, proc.stdout, proc.stderr, rebuild_transcript(proc.stdout, inputs)
+        )
     code, stdout, stderr = WARM.run(path, stdin, env, cwd, timeout)
     return Run(code, stdout, stderr, rebuild_transcript(stdout, inputs))
 
@@ -204,11 +249,20 @@ class WarmProcess:
                 files[name].touch()
             if self.proc is None or self.proc.poll() is not None:
                 clean = {k: v for k, v in os.environ.items() if k not in SDK_VARS}
-                self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm.py")],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             text=True, env=clean, cwd=str(REPO))
-            job = {"path": str(path), "env": env, "cwd": str(cwd),
-                   **{name: str(file) for name, file in files.items()}}
+                self.proc = subprocess.Popen(
+                    [sys.executable, str(REPO / "tests" / "warm.py")],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=clean,
+                    cwd=str(REPO),
+                )
+            job = {
+                "path": str(path),
+                "env": env,
+                "cwd": str(cwd),
+                **{name: str(file) for name, file in files.items()},
+            }
             self.proc.stdin.write(json.dumps(job) + "\n")
             self.proc.stdin.flush()
             pid = json.loads(self.proc.stdout.readline())["pid"]
@@ -217,8 +271,11 @@ class WarmProcess:
                 self.proc.stdout.readline()
                 raise subprocess.TimeoutExpired(str(path), timeout)
             code = json.loads(self.proc.stdout.readline())["status"]
-            return (code, files["stdout"].read_text(encoding="utf-8"),
-                    files["stderr"].read_text(encoding="utf-8"))
+            return (
+                code,
+                files["stdout"].read_text(encoding="utf-8"),
+                files["stderr"].read_text(encoding="utf-8"),
+            )
 
 
 WARM = WarmProcess()
@@ -261,20 +318,29 @@ def assert_valid_history(messages: list) -> None:
     for i, msg in enumerate(messages):
         assert msg["role"] in ("user", "assistant"), msg
         if i:
-            assert msg["role"] != messages[i - 1]["role"], f"two {msg['role']} messages in a row at {i}"
+            assert msg["role"] != messages[i - 1]["role"], (
+                f"two {msg['role']} messages in a row at {i}"
+            )
         content = msg["content"]
         assert content, f"empty content at {i}"
         if isinstance(content, list):
             for block in content:
                 if block.get("type") == "text":
                     assert block["text"], f"empty text block at {i}"
-        tool_ids = [b["id"] for b in content if isinstance(content, list) and b.get("type") == "tool_use"]
+        tool_ids = [
+            b["id"] for b in content if isinstance(content, list) and b.get("type") == "tool_use"
+        ]
         if tool_ids:
             assert i + 1 < len(messages), f"tool_use at {i} has no answer"
             answer = messages[i + 1]["content"]
-            result_ids = [b.get("tool_use_id") for b in answer if isinstance(answer, list)
-                          and b.get("type") == "tool_result"]
-            assert sorted(result_ids) == sorted(tool_ids), f"tool_use ids {tool_ids} answered by {result_ids}"
+            result_ids = [
+                b.get("tool_use_id")
+                for b in answer
+                if isinstance(answer, list) and b.get("type") == "tool_result"
+            ]
+            assert sorted(result_ids) == sorted(tool_ids), (
+                f"tool_use ids {tool_ids} answered by {result_ids}"
+            )
 
 
 def new_conversation(module):
@@ -290,7 +356,7 @@ def history_of(conversation) -> list:
 
 
 def wait_for(condition, timeout: float = 10, what: str = "condition"):
-    """Call condition() until it returns something true (returned), or fail after timeout seconds."""
+    """Call condition() until it returns something true (returned); fail after timeout seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -311,6 +377,6 @@ class Screen:
         def seen():
             self.text += self.capsys.readouterr().out
             return needle in self.text
+
         wait_for(seen, timeout, repr(needle))
         return self.text
-

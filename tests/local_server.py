@@ -1,4 +1,5 @@
 """What every fake server in tests/ shares: an HTTP server on 127.0.0.1 in a daemon thread."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
-        """A client that hangs up mid-answer (a cancelled long poll) is normal here, not a traceback."""
+        """A client that hangs up mid-answer (a cancelled long poll) is normal here."""
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             super().handle_error(request, client_address)
 
@@ -18,8 +19,9 @@ class LocalServer:
     def __init__(self, handler_class: type[BaseHTTPRequestHandler], port: int = 0):
         self.server = QuietServer(("127.0.0.1", port), handler_class)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -35,6 +37,7 @@ class LocalServer:
 
 class QuietHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive, no request log on stderr, and a JSON reply helper."""
+
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args) -> None:

@@ -13,6 +13,7 @@ waits for the bot's reply; ("say_no_reply", text) does not wait; ("wait", text) 
 the section has printed text. A script with "chat": "telegram" runs the section against the
 fake Bot API, and the Try it shows that chat's terminal as a block of its own.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,11 +28,22 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_anthropic import FakeAnthropic  # noqa: E402
-from fake_telegram import (DEFAULT_PORT, SCRIPT_TOKEN, SCRIPT_USERNAME,  # noqa: E402
-                           FakeTelegram, TelegramUser)
+from fake_telegram import (  # noqa: E402
+    DEFAULT_PORT,
+    SCRIPT_TOKEN,
+    SCRIPT_USERNAME,
+    FakeTelegram,
+    TelegramUser,
+)
 from harness import PROMPTS, REPO, copy_workspace, isolated_env, section_files  # noqa: E402
-from transcripts import (SHOWN_BASE_URL, SHOWN_GATEWAY_PORT, SHOWN_PAIRING_CODE,  # noqa: E402
-                         SHOWN_TOKEN, SHOWN_WORKSPACE, TRANSCRIPTS)
+from transcripts import (  # noqa: E402
+    SHOWN_BASE_URL,
+    SHOWN_GATEWAY_PORT,
+    SHOWN_PAIRING_CODE,
+    SHOWN_TOKEN,
+    SHOWN_WORKSPACE,
+    TRANSCRIPTS,
+)
 
 
 SHOWN_PORTS: dict[int, int] = {}  # a fake's port in this run -> the one a learner has
@@ -42,9 +54,17 @@ class Section:
     when the section waits at a prompt, so the transcript puts it where a terminal would."""
 
     def __init__(self, path: Path, env: dict, cwd: Path):
-        self.proc = subprocess.Popen([sys.executable, str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                     cwd=str(cwd), text=True, encoding="utf-8", bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=str(cwd),
+            text=True,
+            encoding="utf-8",
+            bufsize=0,
+        )
         self.out, self.typed, self.changed = "", [], threading.Condition()
         self.reader = threading.Thread(target=self.read, daemon=True)
         self.reader.start()
@@ -99,7 +119,7 @@ class Section:
                 parts.append(self.out[start:end] + typed_at[end] + "\n")
                 start = end
             elif self.out.startswith("\n", end):
-                parts.append(self.out[start:match.start()])
+                parts.append(self.out[start : match.start()])
                 start = end + 1
         parts.append(self.out[start:])
         return "".join(parts)
@@ -178,8 +198,9 @@ def make_transcript(section: str, in_place: bool = False) -> list[str]:
             if setup:
                 blocks[0] = "\n".join(setup) + "\n" + blocks[0]
             for shown in sorted(state.glob(script.get("show", "-"))):
-                blocks[0] += f"\n$ cat .state/{shown.relative_to(state)}\n" + \
-                    shown.read_text().rstrip("\n")
+                blocks[0] += (
+                    f"\n$ cat .state/{shown.relative_to(state)}\n" + shown.read_text().rstrip("\n")
+                )
             return [normalize(block, workspace, api.base_url) + "\n" for block in blocks]
     finally:
         api.stop()
@@ -187,15 +208,20 @@ def make_transcript(section: str, in_place: bool = False) -> list[str]:
 
 def normalize(text: str, workspace: Path, base_url: str) -> str:
     """What differs from run to run, shown as fixed example values."""
-    text = text.replace(str(workspace.parent / "state"), SHOWN_WORKSPACE.rsplit("/", 1)[0] +
-                        "/.state")
+    text = text.replace(
+        str(workspace.parent / "state"), SHOWN_WORKSPACE.rsplit("/", 1)[0] + "/.state"
+    )
     text = text.replace(str(REPO / ".state"), SHOWN_WORKSPACE.rsplit("/", 1)[0] + "/.state")
     text = text.replace(str(workspace), SHOWN_WORKSPACE).replace(base_url, SHOWN_BASE_URL)
     # The fakes and the gateway listen on free ports with fresh tokens in a test.
     text = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{shown_port(int(m.group(1)))}", text)
     text = re.sub(r"#token=[\w-]+", f"#token={SHOWN_TOKEN}", text)
-    text = re.sub(r"(pairing code is |/pair (?:approve|deny) |^  )[A-HJ-NP-Z2-9]{8}\b",
-                  lambda m: m.group(1) + SHOWN_PAIRING_CODE, text, flags=re.M)
+    text = re.sub(
+        r"(pairing code is |/pair (?:approve|deny) |^  )[A-HJ-NP-Z2-9]{8}\b",
+        lambda m: m.group(1) + SHOWN_PAIRING_CODE,
+        text,
+        flags=re.M,
+    )
     # Session ids and timestamps differ on every run: show fixed example values.
     text = re.sub(r"\b\d{8}-\d{6}-[0-9a-f]{4}\b", "20261121-093000-7f3a", text)
     text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", "2026-11-21T09:30:00+0000", text)

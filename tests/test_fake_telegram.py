@@ -1,6 +1,7 @@
 """The fake Telegram Bot API behaves as python-telegram-bot expects (s04's channel tests rely
 on it); run as a script, it is a Telegram user a learner types as, and TelegramUser is that
 user scripted, here against the real s04 section."""
+
 import asyncio
 import io
 import json
@@ -83,9 +84,14 @@ def test_long_polling_delivers_pushed_messages_and_offsets_confirm_them(tg):
     assert tg.updates == []  # stopping confirmed both with an offset, so they are gone
 
 
-@pytest.mark.parametrize("status, error", [(502, telegram.error.NetworkError),
-                                           (409, telegram.error.Conflict),
-                                           (None, telegram.error.NetworkError)])
+@pytest.mark.parametrize(
+    "status, error",
+    [
+        (502, telegram.error.NetworkError),
+        (409, telegram.error.Conflict),
+        (None, telegram.error.NetworkError),
+    ],
+)
 def test_injected_failures_reach_the_client_as_its_own_errors(tg, status, error):
     description = "Conflict: terminated by other getUpdates request" if status == 409 else "Bad"
 
@@ -108,10 +114,17 @@ def test_unknown_method_is_a_404(tg):
 
 # --- The script: a Telegram user in a second terminal ---------------------------------------------
 
+
 def script(*args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        **popen,
+    )
 
 
 @pytest.mark.parametrize("typed", ["quit\n", "/who\n", ""], ids=["quit", "eof-after-a-line", "eof"])
@@ -121,8 +134,10 @@ def test_the_script_prints_the_env_lines_and_leaves_with_0(typed):
     assert proc.returncode == 0 and err == ""
     lines = out.splitlines()
     port = re.search(r"^TELEGRAM_API_BASE=http://127\.0\.0\.1:(\d+)$", out, flags=re.M).group(1)
-    assert lines[lines.index("TELEGRAM_BOT_TOKEN=123456:FAKE") + 1] == f"TELEGRAM_API_BASE=" \
-                                                                      f"http://127.0.0.1:{port}"
+    assert (
+        lines[lines.index("TELEGRAM_BOT_TOKEN=123456:FAKE") + 1] == f"TELEGRAM_API_BASE="
+        f"http://127.0.0.1:{port}"
+    )
     assert "Ada > " in out and out.endswith("Bye.\n")
     assert DEFAULT_PORT not in (18789, 18790)  # the gateway's and Feishu's webhook's
 
@@ -154,6 +169,7 @@ def test_a_port_in_use_is_one_line_and_exit_2():
 
 # --- TelegramUser: replies as they arrive, commands ----------------------------------------------
 
+
 def bot_call(tg, method: str, **params) -> None:
     """What a section's bot does: one Bot API call, form-encoded."""
     httpx.post(f"{tg.base_url}{tg.token}/{method}", data=params).raise_for_status()
@@ -175,7 +191,9 @@ def test_replies_are_marked_escaped_and_labelled_with_their_chat(tg):
     bot_call(tg, "sendMessage", chat_id=42, text="late, to Ada")
     assert ada.wait_for_reply(count=2) == ["in the topic", "late, to Ada"]
     assert ada.take_replies() == []
-    assert ada.transcript == r"""Ada > hi
+    assert (
+        ada.transcript
+        == r"""Ada > hi
 (no bot is polling this fake yet: the message waits until one does)
 [bot is typing...]
 [bot] line one
@@ -194,6 +212,7 @@ Bob in Team, topic 3 > //help
 [bot] in the topic
 [bot to Ada (42)] late, to Ada
 """
+    )
     assert out.getvalue() == ada.transcript
     photo, help_command = (u["message"] for u in tg.updates[1:])
     assert photo["caption"] == "a cat" and "text" not in photo and photo["photo"]
@@ -207,8 +226,10 @@ Bob in Team, topic 3 > //help
 
 # --- TelegramUser against the real s04 -----------------------------------------------------------
 
-def test_a_stranger_gets_a_pairing_code_and_after_approval_the_models_reply(load, fake_api, tg,
-                                                                          monkeypatch, capsys):
+
+def test_a_stranger_gets_a_pairing_code_and_after_approval_the_models_reply(
+    load, fake_api, tg, monkeypatch, capsys
+):
     ada = TelegramUser(tg, show_typing=False)  # typing may or may not beat a fast reply
     mod = load(S04, **ada.env())
     screen = Screen(capsys)
@@ -228,17 +249,21 @@ def test_a_stranger_gets_a_pairing_code_and_after_approval_the_models_reply(load
         ada.say("hello again")
         assert ada.wait_for_reply() == ["Hello Ada, from the agent."]
         return "quit"
+
     status, _ = drive_repl(mod, [stranger_writes, paired], monkeypatch, capsys)
     assert status == 0
     pairing_reply = mod.PAIRING_REPLY.format(code=code["value"])
-    assert ada.transcript == (f"Ada > hello?\n[bot] {pairing_reply}\n"
-                              "[bot] You are approved. Send your message again.\n"
-                              "Ada > hello again\n[bot] Hello Ada, from the agent.\n")
+    assert ada.transcript == (
+        f"Ada > hello?\n[bot] {pairing_reply}\n"
+        "[bot] You are approved. Send your message again.\n"
+        "Ada > hello again\n[bot] Hello Ada, from the agent.\n"
+    )
     assert [last_user_text(r) for r in fake_api.requests] == ["hello again"]
 
 
-def test_an_allowed_user_in_a_forum_topic_then_a_photo_in_the_direct_chat(load, fake_api, tg,
-                                                                         monkeypatch, capsys):
+def test_an_allowed_user_in_a_forum_topic_then_a_photo_in_the_direct_chat(
+    load, fake_api, tg, monkeypatch, capsys
+):
     ada = TelegramUser(tg)
     mod = load(S04, **ada.env(), TELEGRAM_ALLOW_FROM="42")
 
@@ -253,15 +278,19 @@ def test_an_allowed_user_in_a_forum_topic_then_a_photo_in_the_direct_chat(load, 
         ada.wait_for_reply()
         wait_for(lambda: tg.actions, what="a typing action")
         return "quit"
+
     assert drive_repl(mod, [chat], monkeypatch, capsys)[0] == 0
     topic, photo = tg.sent
     assert (topic["chat_id"], topic["message_thread_id"], photo["chat_id"]) == (-1005, 7, 42)
-    assert last_user_text(fake_api.requests[1]) == ("my cat\n[they also sent a photo, which this "
-                                                    "gateway cannot open]")
+    assert last_user_text(fake_api.requests[1]) == (
+        "my cat\n[they also sent a photo, which this gateway cannot open]"
+    )
     assert "Ada in Team, topic 7 > @gateway_test_bot status?\n" in ada.transcript
     assert "[bot] (fake) you said: status?\n" in ada.transcript
-    assert ("[bot] (fake) you said: my cat\n"
-            "      [they also sent a photo, which this gateway cannot open]\n") in ada.transcript
+    assert (
+        "[bot] (fake) you said: my cat\n"
+        "      [they also sent a photo, which this gateway cannot open]\n"
+    ) in ada.transcript
 
 
 def test_in_a_terminal_a_reply_goes_above_the_half_typed_line():
@@ -283,6 +312,7 @@ def test_in_a_terminal_a_reply_goes_above_the_half_typed_line():
                     break
         assert needle in screen[after:], screen[-500:]
         return screen.index(needle, after) + len(needle)
+
     try:
         read_until(b"Ada > ")
         base = re.search(rb"TELEGRAM_API_BASE=(\S+)", screen).group(1).decode()
@@ -304,4 +334,4 @@ def test_in_a_terminal_a_reply_goes_above_the_half_typed_line():
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     line = screen.index(b"[bot] pong")
-    assert screen[line - 4:line] == b"\r\x1b[K"  # the half-typed line was cleared first
+    assert screen[line - 4 : line] == b"\r\x1b[K"  # the half-typed line was cleared first

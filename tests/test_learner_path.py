@@ -1,6 +1,7 @@
 """The path a learner really walks: every section on one workspace and one state folder,
 in order and back; the lessons' Try it played in the repository's own workspace; and the
 tests still passing afterwards. Sections added later join these tests without edits."""
+
 import re
 import shutil
 import subprocess
@@ -9,8 +10,15 @@ import threading
 
 from fake_anthropic import last_user_text, reply
 from fake_telegram import FakeTelegram
-from harness import (REPO, copy_workspace, isolated_env, load_section, run_section, section_files,
-                     section_id)
+from harness import (
+    REPO,
+    copy_workspace,
+    isolated_env,
+    load_section,
+    run_section,
+    section_files,
+    section_id,
+)
 
 SECTIONS = section_files()
 
@@ -30,8 +38,13 @@ def test_every_section_reads_what_any_other_wrote(tmp_path, fake_api):
     run has a terminal turn, a Telegram message (from s04 on) and every listing command."""
     workspace = copy_workspace(tmp_path / "workspace")
     tg = FakeTelegram().start()
-    env = isolated_env(workspace, fake_api.base_url, TELEGRAM_BOT_TOKEN=tg.token,
-                       TELEGRAM_API_BASE=tg.api_base, TELEGRAM_ALLOW_FROM="42")
+    env = isolated_env(
+        workspace,
+        fake_api.base_url,
+        TELEGRAM_BOT_TOKEN=tg.token,
+        TELEGRAM_API_BASE=tg.api_base,
+        TELEGRAM_ALLOW_FROM="42",
+    )
     answered = threading.Event()
 
     def gated_echo(body):
@@ -40,6 +53,7 @@ def test_every_section_reads_what_any_other_wrote(tmp_path, fake_api):
         text = last_user_text(body)
         gate = answered if text.startswith("terminal") else None
         return reply(f"(fake) you said: {text}", gate=gate)
+
     fake_api.default = gated_echo
     order = SECTIONS + SECTIONS[::-1][1:]
     previous = None
@@ -51,9 +65,10 @@ def test_every_section_reads_what_any_other_wrote(tmp_path, fake_api):
             if remote:
                 sent_before = len(tg.sent)
                 tg.push(tg.private_message(f"telegram {sid} run {run_number}", user_id=42))
-                threading.Thread(target=lambda n=sent_before: (tg.wait_for_sent(n + 1, 20),
-                                                               answered.set()),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=lambda n=sent_before: (tg.wait_for_sent(n + 1, 20), answered.set()),
+                    daemon=True,
+                ).start()
             else:
                 answered.set()
             requests_before = len(fake_api.requests)
@@ -66,8 +81,7 @@ def test_every_section_reads_what_any_other_wrote(tmp_path, fake_api):
             if remote:
                 assert tg.sent[-1]["text"] == f"(fake) you said: telegram {sid} run {run_number}"
             assert fake_api.rejected == [], fake_api.rejected  # every request one the API takes
-            mine = [r for r in fake_api.requests[requests_before:]
-                    if last_user_text(r) == words]
+            mine = [r for r in fake_api.requests[requests_before:] if last_user_text(r) == words]
             assert len(mine) == 1, problem
             if previous is not None and keeps_sessions(previous) and keeps_sessions(path):
                 earlier = f"terminal {section_id(previous)} run {run_number - 1}"
@@ -89,14 +103,34 @@ def test_the_tests_pass_after_the_learner_played_every_lesson(tmp_path):
             shutil.copytree(source, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, copy / part)
-    play = subprocess.run([sys.executable, str(copy / "tests" / "make_transcript.py"), "--all",
-                           "--in-place"], cwd=copy, capture_output=True, text=True, timeout=120)
+    play = subprocess.run(
+        [sys.executable, str(copy / "tests" / "make_transcript.py"), "--all", "--in-place"],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert play.returncode == 0, play.stderr[-3000:]
     assert (copy / ".state").is_dir() and list((copy / "workspace").iterdir())
-    suite = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p",
-                            "no:cacheprovider", "tests/test_s02_tool_use.py",
-                            "tests/test_s05_gateway_routing.py", "-k",
-                            "list_dir or file_tools or defaults_are_written"],
-                           cwd=copy, capture_output=True, text=True, timeout=120)
+    suite = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-o",
+            "addopts=",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_s02_tool_use.py",
+            "tests/test_s05_gateway_routing.py",
+            "-k",
+            "list_dir or file_tools or defaults_are_written",
+        ],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert suite.returncode == 0, suite.stdout[-3000:]
     assert re.search(r"\d+ passed", suite.stdout) and "failed" not in suite.stdout

@@ -9,6 +9,7 @@ Run for every section that exists, so a new section is checked automatically:
 - the lesson has its motto, diagram and "How OpenClaw does it" table;
 - the README's learning-path table names every section with its real line count.
 """
+
 import ast
 import re
 
@@ -32,7 +33,9 @@ def fenced_blocks(markdown: str, lang: str) -> list[str]:
 
 def heading_section(markdown: str, heading_start: str) -> str:
     """The text under the first `## ` heading that starts with heading_start."""
-    m = re.search(rf"^## {re.escape(heading_start)}.*?$(.*?)(?=^## |\Z)", markdown, flags=re.S | re.M)
+    m = re.search(
+        rf"^## {re.escape(heading_start)}.*?$(.*?)(?=^## |\Z)", markdown, flags=re.S | re.M
+    )
     assert m, f"no '## {heading_start}' heading"
     return m.group(1)
 
@@ -70,7 +73,13 @@ def test_lesson_exists_with_its_parts(path):
     assert title.startswith(f"# {section_id(path)}"), title
     assert re.search(r"^> \S", lesson, flags=re.M), "a one-line motto as a quote under the title"
     assert fenced_blocks(lesson, ""), "an ASCII diagram in a plain ``` block"
-    for heading in ("Key concepts", "Code walkthrough", "What changed from", "Try it", "How OpenClaw does it"):
+    for heading in (
+        "Key concepts",
+        "Code walkthrough",
+        "What changed from",
+        "Try it",
+        "How OpenClaw does it",
+    ):
         heading_section(lesson, heading)
     table = heading_section(lesson, "How OpenClaw does it")
     assert table.count("\n|") >= 4, "a table with a header and at least three rows"
@@ -105,28 +114,41 @@ def test_change_list_matches_the_code(path):
             assert m, f"change list line not in the form '- added|changed|removed `name`': {line}"
             listed.add((m.group(1), m.group(2)))
     missing, extra = expected - listed, listed - expected
-    assert not missing and not extra, f"missing from the lesson: {sorted(missing)}; not in the code: {sorted(extra)}"
+    assert not missing and not extra, (
+        f"missing from the lesson: {sorted(missing)}; not in the code: {sorted(extra)}"
+    )
 
 
 @pytest.mark.parametrize("path", SECTIONS, ids=ids)
 def test_try_it_is_a_real_transcript(path):
-    assert section_id(path) in TRANSCRIPTS, "every section has a Try it script in tests/transcripts.py"
+    assert section_id(path) in TRANSCRIPTS, (
+        "every section has a Try it script in tests/transcripts.py"
+    )
     lesson = lesson_of(path).read_text(encoding="utf-8")
     blocks = fenced_blocks(heading_section(lesson, "Try it"), "text")
     made = make_transcript(section_id(path))
-    assert blocks[:len(made)] == made, (
+    assert blocks[: len(made)] == made, (
         f"the Try it blocks of {path.stem}.md are not what the section prints; "
-        f"regenerate them with: python tests/make_transcript.py {section_id(path)} --write")
+        f"regenerate them with: python tests/make_transcript.py {section_id(path)} --write"
+    )
 
 
 def test_readme_table_matches_the_sections():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\|\s*(s\d\d)\s*\|.*?\((sessions/en/s\d\d_\w+\.py)\).*?\|\s*(\d+)\s*\|\s*$", readme, flags=re.M)
+    rows = re.findall(
+        r"^\|\s*(s\d\d)\s*\|.*?\((sessions/en/s\d\d_\w+\.py)\).*?\|\s*(\d+)\s*\|\s*$",
+        readme,
+        flags=re.M,
+    )
     assert rows, "README has a learning-path table"
     table = {sid: (file, int(lines)) for sid, file, lines in rows}
-    assert sorted(table) == sorted(section_id(p) for p in SECTIONS), "one row per section file, no more"
+    assert sorted(table) == sorted(section_id(p) for p in SECTIONS), (
+        "one row per section file, no more"
+    )
     for path in SECTIONS:
         file, lines = table[section_id(path)]
         assert file == str(path.relative_to(REPO)), file
         real = len(path.read_text(encoding="utf-8").splitlines())
-        assert abs(lines - real) <= real * 0.10, f"{path.name}: README says {lines} lines, the file has {real}"
+        assert abs(lines - real) <= real * 0.10, (
+            f"{path.name}: README says {lines} lines, the file has {real}"
+        )

@@ -8,6 +8,7 @@ Run for every section file that exists, so s06-s10 are checked as they are added
   file order;
 - /help is printed from the one command table, and the REPL dispatches through it.
 """
+
 import ast
 import re
 
@@ -32,8 +33,11 @@ def headers(source: str) -> list[tuple[str, str, int]]:
 
 def top_level(source: str) -> dict[str, tuple[str, int]]:
     """Top-level functions and classes -> (a dump of their AST, first line)."""
-    return {node.name: (ast.dump(node), node.lineno) for node in ast.parse(source).body
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    return {
+        node.name: (ast.dump(node), node.lineno)
+        for node in ast.parse(source).body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+    }
 
 
 def header_of(line: int, heads: list) -> str:
@@ -56,14 +60,17 @@ def expected_map(before: str, after: str) -> dict:
 
 
 def docstring_lists(source: str) -> dict:
-    """The docstring's lists: header -> names (New here), names (Changed here), headers (Carried)."""
+    """The docstring's lists: header -> names (New), names (Changed), headers (Carried)."""
     doc = ast.get_docstring(ast.parse(source), clean=False) or ""
     parts = {"new": {}, "changed": set(), "carried": []}
     part, entry = None, None
     for line in doc.splitlines():
         if line in ("New here:", "Changed here:", "Carried from earlier:"):
-            part = {"New here:": "new", "Changed here:": "changed",
-                    "Carried from earlier:": "carried"}[line]
+            part = {
+                "New here:": "new",
+                "Changed here:": "changed",
+                "Carried from earlier:": "carried",
+            }[line]
             continue
         if not line.startswith("  ") or part is None:
             part = None
@@ -89,11 +96,13 @@ def docstring_lists(source: str) -> dict:
 @pytest.mark.parametrize("path", SECTIONS, ids=section_id)
 def test_each_header_names_the_section_that_introduced_it(path):
     first: dict[str, str] = {}
-    for earlier in SECTIONS[:SECTIONS.index(path) + 1]:
+    for earlier in SECTIONS[: SECTIONS.index(path) + 1]:
         for tag, title, _ in headers(earlier.read_text(encoding="utf-8")):
             first.setdefault(title, section_id(earlier))
     for tag, title, number in headers(path.read_text(encoding="utf-8")):
-        assert tag == first[title], f"{path.name}:{number}: '{title}' first appears in {first[title]}"
+        assert tag == first[title], (
+            f"{path.name}:{number}: '{title}' first appears in {first[title]}"
+        )
 
 
 @pytest.mark.parametrize("path", SECTIONS, ids=section_id)
@@ -103,9 +112,11 @@ def test_the_docstring_is_a_map_of_the_file(path):
     before = SECTIONS[index - 1].read_text(encoding="utf-8") if index else ""
     expected, listed = expected_map(before, source), docstring_lists(source)
     assert listed["new"] == expected["new"], (
-        f"'New here' should list, under each header: {expected['new']}")
+        f"'New here' should list, under each header: {expected['new']}"
+    )
     assert listed["changed"] == expected["changed"], (
-        f"'Changed here' should name exactly: {sorted(expected['changed'])}")
+        f"'Changed here' should name exactly: {sorted(expected['changed'])}"
+    )
     carried = [f"[{tag}] {title}" for tag, title, _ in expected["heads"] if tag < section_id(path)]
     assert listed["carried"] == carried, f"'Carried from earlier' should be: {carried}"
     doc = ast.get_docstring(ast.parse(source), clean=False)

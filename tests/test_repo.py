@@ -1,4 +1,5 @@
 """The repository around the sections: README, configuration, samples, CI."""
+
 import ast
 import json
 import re
@@ -22,8 +23,11 @@ def variables_read(path) -> set[str]:
             func = ast.unparse(node.func)
             if func in ("os.getenv", "os.environ.get"):
                 names.add(node.args[0].value)
-        if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ" \
-                and isinstance(node.slice, ast.Constant):
+        if (
+            isinstance(node, ast.Subscript)
+            and ast.unparse(node.value) == "os.environ"
+            and isinstance(node.slice, ast.Constant)
+        ):
             names.add(node.slice.value)
     return names
 
@@ -31,8 +35,12 @@ def variables_read(path) -> set[str]:
 def test_env_example_lists_exactly_what_the_sections_read():
     read = set().union(*(variables_read(p) for p in section_files())) - CONVENTIONS
     listed = set(env_example_names())
-    assert read - listed == set(), f"read by a section but not in .env.example: {sorted(read - listed)}"
-    assert listed - read == set(), f"in .env.example but read by no section: {sorted(listed - read)}"
+    assert read - listed == set(), (
+        f"read by a section but not in .env.example: {sorted(read - listed)}"
+    )
+    assert listed - read == set(), (
+        f"in .env.example but read by no section: {sorted(listed - read)}"
+    )
 
 
 def test_env_example_default_model():
@@ -42,7 +50,11 @@ def test_env_example_default_model():
 def test_readme_quick_start_in_order():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    steps = ["pip install -r requirements.txt", "cp .env.example .env", "python sessions/en/s01_agent_loop.py"]
+    steps = [
+        "pip install -r requirements.txt",
+        "cp .env.example .env",
+        "python sessions/en/s01_agent_loop.py",
+    ]
     positions = [quick.find(step) for step in steps]
     assert -1 not in positions and positions == sorted(positions), positions
     assert "pip install -r requirements.txt && python sessions/en/s01_agent_loop.py" in quick
@@ -59,10 +71,20 @@ def test_readme_test_command_is_what_ci_runs():
 def test_requirements_are_exactly_the_curriculum_dependencies():
     def names(file):
         lines = (REPO / file).read_text(encoding="utf-8").splitlines()
-        return {re.split(r"[<>=\s]", line.strip())[0].lower() for line in lines if line.strip()
-                and not line.startswith("#")}
-    assert names("requirements.txt") == {"anthropic", "python-dotenv", "websockets", "croniter",
-                                         "python-telegram-bot", "httpx"}
+        return {
+            re.split(r"[<>=\s]", line.strip())[0].lower()
+            for line in lines
+            if line.strip() and not line.startswith("#")
+        }
+
+    assert names("requirements.txt") == {
+        "anthropic",
+        "python-dotenv",
+        "websockets",
+        "croniter",
+        "python-telegram-bot",
+        "httpx",
+    }
     assert "pytest" in names("requirements-dev.txt")
 
 
@@ -77,15 +99,27 @@ def test_no_section_imports_another_file_of_the_project():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                assert node.level == 0 and not (node.module or "").startswith(("s0", "s1", "tests", "sessions"))
+                assert node.level == 0 and not (node.module or "").startswith(
+                    ("s0", "s1", "tests", "sessions")
+                )
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not re.match(r"s\d\d_", alias.name), f"{path.name} imports {alias.name}"
 
 
 def test_workspace_samples_exist():
-    for name in ("SOUL.md", "IDENTITY.md", "TOOLS.md", "USER.md", "HEARTBEAT.md", "BOOTSTRAP.md", "AGENTS.md",
-                 "MEMORY.md", "CRON.json", "skills/example-skill/SKILL.md"):
+    for name in (
+        "SOUL.md",
+        "IDENTITY.md",
+        "TOOLS.md",
+        "USER.md",
+        "HEARTBEAT.md",
+        "BOOTSTRAP.md",
+        "AGENTS.md",
+        "MEMORY.md",
+        "CRON.json",
+        "skills/example-skill/SKILL.md",
+    ):
         assert sample_bytes(name).decode("utf-8").strip(), name
 
 
@@ -98,6 +132,7 @@ def test_sample_skill_has_name_and_description():
 
 def test_sample_cron_jobs_are_valid_and_none_is_in_the_past():
     from croniter import croniter
+
     jobs = json.loads(sample_bytes("CRON.json"))["jobs"]
     assert {job["schedule"]["kind"] for job in jobs} == {"at", "every", "cron"}
     assert len({job["id"] for job in jobs}) == len(jobs)
@@ -116,14 +151,17 @@ def test_sample_cron_jobs_are_valid_and_none_is_in_the_past():
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs a git checkout")
 def test_tests_copy_exactly_the_tracked_sample_files():
-    tracked = subprocess.run(["git", "ls-files", "workspace"], cwd=REPO, capture_output=True,
-                             text=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "workspace"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
     assert sorted(f"workspace/{name}" for name in SAMPLE_FILES) == sorted(tracked)
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs a git checkout")
 def test_tracked_files_include_no_state_or_secrets():
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
     assert ".env" not in tracked
     assert not [f for f in tracked if f.startswith((".state/", "workspace/memory/"))]
 
@@ -139,6 +177,10 @@ def test_tools_md_describes_only_tools_that_exist():
     tree = ast.parse(source)
     tool_names = set()
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TOOL_HANDLERS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", "") == "TOOL_HANDLERS" for t in node.targets
+        ):
             tool_names = {k.value for k in node.value.keys}
-    assert named and named <= tool_names, f"TOOLS.md names {sorted(named - tool_names)}, which do not exist"
+    assert named and named <= tool_names, (
+        f"TOOLS.md names {sorted(named - tool_names)}, which do not exist"
+    )

@@ -1,14 +1,26 @@
 """s01: the agent loop. These guarantees hold in s01 and every later section."""
+
 import io
 import socket
+import subprocess
 import sys
 import threading
 import time
 
+import anthropic
+import httpx
 import pytest
 
-from fake_anthropic import FakeAnthropic, error, reply
-from harness import assert_valid_history, drive_repl, run_section, section_files, section_id, sections_from
+from fake_anthropic import FakeAnthropic, error, last_user_text, reply
+from harness import (
+    assert_valid_history,
+    drive_repl,
+    run_section,
+    section_files,
+    section_id,
+    sections_from,
+    whole_process_only,
+)
 
 SECTIONS = sections_from("s01")
 ids = [section_id(p) for p in SECTIONS]
@@ -47,7 +59,11 @@ def test_banner_help_empty_line_and_unknown_command(path, load, fake_api, monkey
     code, out = drive_repl(mod, ["", "   ", "/help", "/nonsense", "quit"], monkeypatch, capsys)
     assert code == 0
     banner = out.splitlines()[0]
-    assert banner.startswith(section_id(path)) and "claude-test-model" in banner and fake_api.base_url in banner
+    assert (
+        banner.startswith(section_id(path))
+        and "claude-test-model" in banner
+        and fake_api.base_url in banner
+    )
     assert "/help" in out and "quit" in out
     assert "Unknown command /nonsense" in out
     assert fake_api.requests == []  # nothing reached the model: not the blanks, not the commands
@@ -63,14 +79,18 @@ def test_every_way_out_exits_zero(path, leave, load, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("path", SECTIONS, ids=ids)
-@pytest.mark.parametrize("status, etype, expected", [
-    (401, "authentication_error", "ANTHROPIC_API_KEY"),
-    (429, "rate_limit_error", "Rate limited (429)"),
-    (529, "overloaded_error", "overloaded (529)"),
-    (500, "api_error", "API error (500 api_error)"),
-])
-def test_api_error_is_one_line_and_next_turn_works(path, status, etype, expected, load, fake_api,
-                                                     monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "status, etype, expected",
+    [
+        (401, "authentication_error", "ANTHROPIC_API_KEY"),
+        (429, "rate_limit_error", "Rate limited (429)"),
+        (529, "overloaded_error", "overloaded (529)"),
+        (500, "api_error", "API error (500 api_error)"),
+    ],
+)
+def test_api_error_is_one_line_and_next_turn_works(
+    path, status, etype, expected, load, fake_api, monkeypatch, capsys
+):
     fake_api.script(error(status, etype, "the fake says no"), reply("Second try worked."))
     code, out = drive_repl(load(path), ["first", "second"], monkeypatch, capsys)
     assert code == 0
@@ -86,8 +106,10 @@ def test_api_error_is_one_line_and_next_turn_works(path, status, etype, expected
 @pytest.mark.parametrize("path", SECTIONS, ids=ids)
 def test_error_sent_mid_stream_is_classified_by_type(path, load, fake_api, monkeypatch, capsys):
     # The API can fail after the stream began: HTTP 200, then an SSE `error` event.
-    fake_api.script(reply("Half a sentence and then", stream_error=("overloaded_error", "Overloaded")),
-                    reply("Recovered."))
+    fake_api.script(
+        reply("Half a sentence and then", stream_error=("overloaded_error", "Overloaded")),
+        reply("Recovered."),
+    )
     code, out = drive_repl(load(path), ["first", "second"], monkeypatch, capsys)
     assert "overloaded (529)" in out
     assert "Recovered." in out
@@ -142,7 +164,9 @@ def test_refusal_drops_the_turn(path, load, fake_api, monkeypatch, capsys):
 
 @pytest.mark.parametrize("path", SECTIONS, ids=ids)
 def test_usage_line_every_turn_and_dim_on_a_terminal(path, load, fake_api, monkeypatch, capsys):
-    fake_api.script(reply("one", usage={"input_tokens": 11, "output_tokens": 3, "cache_read_input_tokens": 5}))
+    fake_api.script(
+        reply("one", usage={"input_tokens": 11, "output_tokens": 3, "cache_read_input_tokens": 5})
+    )
     mod = load(path)
     code, out = drive_repl(mod, ["hi"], monkeypatch, capsys)
     usage = [line for line in out.splitlines() if line.startswith("[tokens")]
@@ -152,10 +176,17 @@ def test_usage_line_every_turn_and_dim_on_a_terminal(path, load, fake_api, monke
 
 
 @pytest.mark.parametrize("path", SECTIONS, ids=ids)
-def test_streamed_text_reaches_the_terminal_before_the_reply_ends(path, load, fake_api, monkeypatch):
+def test_streamed_text_reaches_the_terminal_before_the_reply_ends(
+    path, load, fake_api, monkeypatch
+):
     gate = threading.Event()
-    fake_api.script(reply("First words arrive early, the rest later.", chunks=["First words ", "arrive early,",
-                                                                               " the rest later."], gate=gate))
+    fake_api.script(
+        reply(
+            "First words arrive early, the rest later.",
+            chunks=["First words ", "arrive early,", " the rest later."],
+            gate=gate,
+        )
+    )
     mod = load(path)
     seen_first = threading.Event()
 
@@ -190,6 +221,7 @@ def test_streamed_text_reaches_the_terminal_before_the_reply_ends(path, load, fa
 
 def test_s01_drops_a_tool_use_reply(load, fake_api, monkeypatch, capsys):
     from fake_anthropic import tool_use
+
     fake_api.script(reply("Let me look.", tools=[tool_use("bash", {"command": "ls"})]), reply("ok"))
     code, out = drive_repl(load(S01), ["list files", "never mind"], monkeypatch, capsys)
     assert "tools arrive in s02" in out
@@ -204,7 +236,10 @@ def test_s01_ctrl_c_mid_reply_drops_the_turn(load, fake_api, monkeypatch, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mod, "stream_reply", interrupted)
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
+    ]
     assert mod.agent_turn(mod.make_client(), messages, "c") is None
     assert len(messages) == 2
     assert "interrupted" in capsys.readouterr().out
@@ -212,8 +247,10 @@ def test_s01_ctrl_c_mid_reply_drops_the_turn(load, fake_api, monkeypatch, capsys
 
 # --- As a learner runs it: a real process, piped input -------------------------------------------
 
+
 def test_s01_without_key_says_what_to_set(workspace):
     from harness import isolated_env
+
     run = run_section(S01, ["hello"], isolated_env(workspace, None), timeout=30)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr + run.stdout
@@ -223,7 +260,9 @@ def test_s01_without_key_says_what_to_set(workspace):
 
 def test_s01_end_to_end_transcript(fake_api, subprocess_env):
     fake_api.script(reply("Hello Ada, nice to meet you."), reply("You told me your name is Ada."))
-    run = run_section(S01, ["Hi! My name is Ada.", "", "What is my name?", "quit"], subprocess_env())
+    run = run_section(
+        S01, ["Hi! My name is Ada.", "", "What is my name?", "quit"], subprocess_env()
+    )
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""
     t = run.transcript
@@ -237,10 +276,19 @@ def test_s01_end_to_end_transcript(fake_api, subprocess_env):
 def test_s01_streams_in_a_real_process(fake_api, subprocess_env):
     """Read the child's stdout while the fake holds back the rest of the reply."""
     import subprocess
+
     gate = threading.Event()
-    fake_api.script(reply("Early bird. Late worm.", chunks=["Early bird.", " Late worm."], gate=gate))
-    proc = subprocess.Popen([sys.executable, str(S01)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=subprocess_env(), text=True)
+    fake_api.script(
+        reply("Early bird. Late worm.", chunks=["Early bird.", " Late worm."], gate=gate)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(S01)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+        text=True,
+    )
     try:
         proc.stdin.write("hi\n")
         proc.stdin.flush()
@@ -256,3 +304,31 @@ def test_s01_streams_in_a_real_process(fake_api, subprocess_env):
         gate.set()
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_a_rejected_key_names_where_it_came_from(path, load):
+    mod = load(path)
+    refused = anthropic.AuthenticationError(
+        "bad key",
+        response=httpx.Response(401, request=httpx.Request("POST", "http://x")),
+        body={"type": "error", "error": {"type": "authentication_error", "message": "bad key"}},
+    )
+    assert "in your shell's environment" in mod.describe_api_error(refused)  # the tests set it
+    mod.KEY_FROM_SHELL = False
+    assert mod.describe_api_error(refused).endswith("Check ANTHROPIC_API_KEY in .env.")
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_a_byte_that_is_not_utf8_at_the_prompt_is_not_a_crash(path, fake_api, subprocess_env):
+    whole_process_only(path, "s01")
+    proc = subprocess.run(
+        [sys.executable, str(path)],
+        input=b"caf\xe9 \xff\xfe\nquit\n",
+        capture_output=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr
+    assert last_user_text(fake_api.requests[0]) == "caf\ufffd \ufffd\ufffd"

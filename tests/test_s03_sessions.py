@@ -1,12 +1,21 @@
 """s03: sessions on disk and the context guard. Run against s03 and every later section."""
+
 import json
 import random
 
 import pytest
 
 from fake_anthropic import error, reply, tool_use
-from harness import (assert_valid_history, drive_repl, run_section, section_id, sections_from, main_store, state_of,
-                     whole_process_only)
+from harness import (
+    assert_valid_history,
+    drive_repl,
+    run_section,
+    section_id,
+    sections_from,
+    main_store,
+    state_of,
+    whole_process_only,
+)
 
 SECTIONS = sections_from("s03")
 ids = [section_id(p) for p in SECTIONS]
@@ -21,18 +30,40 @@ def random_history(mod, rng: random.Random, session) -> None:
     """Grow a valid history the way agent_turn does, saving at each consistent point."""
     messages = session.messages
     for turn in range(rng.randint(1, 6)):
-        mod.add_user_text(messages, rng.choice(["hi", "list files", "日本語もどうぞ", "a\nb \"quoted\"", "ok"]))
+        mod.add_user_text(
+            messages, rng.choice(["hi", "list files", "日本語もどうぞ", 'a\nb "quoted"', "ok"])
+        )
         for _ in range(rng.randint(0, 3)):
-            calls = [{"type": "tool_use", "id": f"toolu_{turn}_{rng.randrange(10**9)}", "name": "read_file",
-                      "input": {"path": rng.choice(["a.md", "b/c.txt"])}} for _ in range(rng.randint(1, 3))]
+            calls = [
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_{turn}_{rng.randrange(10**9)}",
+                    "name": "read_file",
+                    "input": {"path": rng.choice(["a.md", "b/c.txt"])},
+                }
+                for _ in range(rng.randint(1, 3))
+            ]
             text = [{"type": "text", "text": "Let me check."}] if rng.random() < 0.5 else []
             messages.append({"role": "assistant", "content": text + calls})
-            messages.append({"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": c["id"], "content": rng.choice(["ok", "file not found"]),
-                 "is_error": rng.random() < 0.3} for c in calls]})
+            messages.append(
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": c["id"],
+                            "content": rng.choice(["ok", "file not found"]),
+                            "is_error": rng.random() < 0.3,
+                        }
+                        for c in calls
+                    ],
+                }
+            )
             session.save()
         if rng.random() < 0.8:  # otherwise the turn was interrupted after its tools: no final reply
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": f"Answer {turn}"}]})
+            messages.append(
+                {"role": "assistant", "content": [{"type": "text", "text": f"Answer {turn}"}]}
+            )
             session.save()
 
 
@@ -60,8 +91,9 @@ def test_session_file_is_append_only_jsonl(path, load, workspace):
     assert index["current"] == session.id
 
 
-def test_a_thousand_turns_append_exactly_their_records_and_never_rewrite_the_index(path, load,
-                                                                                      workspace):
+def test_a_thousand_turns_append_exactly_their_records_and_never_rewrite_the_index(
+    path, load, workspace
+):
     mod = load(path)
     store = main_store(mod)
     session = store.create()
@@ -91,17 +123,25 @@ def test_a_crash_in_the_middle_of_an_append_loses_only_that_line(path, load):
     assert reopened.messages == session.messages
     mod.add_user_text(reopened.messages, "after the crash")
     reopened.save()
-    assert main_store(mod).open(session.id).messages[-1] == {"role": "user",
-                                                             "content": "after the crash"}
+    assert main_store(mod).open(session.id).messages[-1] == {
+        "role": "user",
+        "content": "after the crash",
+    }
 
 
-def test_restart_then_continue_a_session_that_used_tools(path, load, fake_api, monkeypatch, capsys, workspace):
-    fake_api.script(reply("Looking.", tools=[tool_use("write_file", {"path": "n.txt", "content": "1"})]),
-                    reply("Saved n.txt."))
+def test_restart_then_continue_a_session_that_used_tools(
+    path, load, fake_api, monkeypatch, capsys, workspace
+):
+    fake_api.script(
+        reply("Looking.", tools=[tool_use("write_file", {"path": "n.txt", "content": "1"})]),
+        reply("Saved n.txt."),
+    )
     code, out = drive_repl(load(path), ["save a note"], monkeypatch, capsys)
     assert "Saved n.txt." in out
     fake_api.script(reply("You asked me to save a note."))
-    code, out = drive_repl(load(path), ["what did I ask before?"], monkeypatch, capsys)  # a new process, same disk
+    code, out = drive_repl(
+        load(path), ["what did I ask before?"], monkeypatch, capsys
+    )  # a new process, same disk
     assert "resumed, 4 messages" in out
     sent = fake_api.requests[-1]["messages"]
     assert_valid_history(sent)
@@ -114,14 +154,20 @@ def test_corrupt_and_torn_lines_are_skipped_with_a_warning(path, load, capsys):
     mod = load(path)
     store = main_store(mod)
     session = store.create()
-    session.messages.extend([{"role": "user", "content": "one"},
-                             {"role": "assistant", "content": [{"type": "text", "text": "two"}]}])
+    session.messages.extend(
+        [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+        ]
+    )
     session.save()
     file = store.path(session.id)
     with open(file, "a") as f:
         f.write("this is not json\n")
         f.write('{"type": "message", "message": {"role": "user"}}\n')  # valid JSON, wrong shape
-        f.write('{"type": "message", "message": {"role": "user", "content": "thr')  # torn by a crash
+        f.write(
+            '{"type": "message", "message": {"role": "user", "content": "thr'
+        )  # torn by a crash
     reopened = main_store(mod).open(session.id)
     out = capsys.readouterr().out
     assert reopened.messages == session.messages[:2]
@@ -140,7 +186,10 @@ def test_unanswered_tool_use_at_the_end_is_repaired(path, load, capsys):
     session = store.create()
     call = {"type": "tool_use", "id": "toolu_lost", "name": "bash", "input": {"command": "ls"}}
     with open(store.path(session.id), "a") as f:
-        for message in [{"role": "user", "content": "go"}, {"role": "assistant", "content": [call]}]:
+        for message in [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": [call]},
+        ]:
             f.write(json.dumps({"type": "message", "message": message}) + "\n")
     reopened = main_store(mod).open(session.id)
     assert_valid_history(reopened.messages)
@@ -153,15 +202,25 @@ def test_a_lost_call_line_drops_its_orphan_result(path, load):
     mod = load(path)
     store = main_store(mod)
     session = store.create()
-    lines = [{"role": "user", "content": "go"},
-             {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
-             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_gone", "content": "x"},
-                                          {"type": "text", "text": "and then?"}]}]
+    lines = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_gone", "content": "x"},
+                {"type": "text", "text": "and then?"},
+            ],
+        },
+    ]
     with open(store.path(session.id), "a") as f:
         for message in lines:
             f.write(json.dumps({"type": "message", "message": message}) + "\n")
     reopened = main_store(mod).open(session.id)
-    assert reopened.messages[-1] == {"role": "user", "content": [{"type": "text", "text": "and then?"}]}
+    assert reopened.messages[-1] == {
+        "role": "user",
+        "content": [{"type": "text", "text": "and then?"}],
+    }
     assert_valid_history(reopened.messages)
 
 
@@ -181,9 +240,23 @@ def test_corrupt_index_is_moved_aside_and_rebuilt(path, load, capsys, workspace)
 
 def test_new_list_and_switch_by_label(path, load, fake_api, monkeypatch, capsys):
     fake_api.script(reply("Noted, work."), reply("Noted, holiday."), reply("We talked about work."))
-    code, out = drive_repl(load(path), ["/new work", "about work", "/new holiday", "about the holiday", "/list",
-                                        "/switch wo", "what did we talk about?", "/switch 20",
-                                        "/switch nothing-like-this", "/switch"], monkeypatch, capsys)
+    code, out = drive_repl(
+        load(path),
+        [
+            "/new work",
+            "about work",
+            "/new holiday",
+            "about the holiday",
+            "/list",
+            "/switch wo",
+            "what did we talk about?",
+            "/switch 20",
+            "/switch nothing-like-this",
+            "/switch",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert "(work): new, 0 messages" in out and "(holiday): new, 0 messages" in out
     assert "(work): switched, 2 messages" in out
     assert fake_api.requests[-1]["messages"][0] == {"role": "user", "content": "about work"}
@@ -191,15 +264,20 @@ def test_new_list_and_switch_by_label(path, load, fake_api, monkeypatch, capsys)
     assert "No session matches 'nothing-like-this'" in out and "Usage: /switch" in out
     listed = [line for line in out.splitlines() if "  updated 2" in line]
     assert len(listed) == 3
-    assert [line for line in listed if line.startswith("  * ")] == [l for l in listed if "(holiday)" in l]
+    assert [line for line in listed if line.startswith("  * ")] == [
+        line for line in listed if "(holiday)" in line
+    ]
 
 
-def test_context_command_counts_with_the_api_or_estimates(path, load, fake_api, monkeypatch,
-                                                          capsys):
+def test_context_command_counts_with_the_api_or_estimates(
+    path, load, fake_api, monkeypatch, capsys
+):
     fake_api.script(reply("Hello."))
     code, out = drive_repl(load(path), ["hi", "/context"], monkeypatch, capsys)
-    assert ("tokens (counted by the API) of a 1,000,000-token window; compaction at 750,000 (75%); "
-            "2 messages") in out
+    assert (
+        "tokens (counted by the API) of a 1,000,000-token window; compaction at 750,000 (75%); "
+        "2 messages"
+    ) in out
     fake_api.count_tokens_status = 404  # a local server without the endpoint
     fake_api.script(reply("Hello again."))
     code, out = drive_repl(load(path), ["hi", "/context", "/context"], monkeypatch, capsys)
@@ -219,7 +297,9 @@ def test_the_estimate_follows_the_reported_usage(path, load, fake_api, capsys):
     mod = load(path)
     session = main_store(mod).create()
     guard = mod.ContextGuard(mod.make_client())
-    fake_api.script(reply("ok", usage={"input_tokens": 500_000, "cache_read_input_tokens": 100_000}))
+    fake_api.script(
+        reply("ok", usage={"input_tokens": 500_000, "cache_read_input_tokens": 100_000})
+    )
     mod.agent_turn(mod.make_client(), session, "hello", guard)
     assert session.prompt_tokens == 600_000
     assert 600_000 < guard.estimate(session, "next") < 600_100
@@ -236,11 +316,29 @@ def big_history(mod, session, exchanges=12):
     """A history with many tool exchanges, each result large."""
     for i in range(exchanges):
         mod.add_user_text(session.messages, f"question {i}")
-        call = {"type": "tool_use", "id": f"toolu_{i}", "name": "read_file", "input": {"path": f"f{i}.md"}}
+        call = {
+            "type": "tool_use",
+            "id": f"toolu_{i}",
+            "name": "read_file",
+            "input": {"path": f"f{i}.md"},
+        }
         session.messages.append({"role": "assistant", "content": [call]})
-        session.messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}",
-                                                              "content": "x" * 3000, "is_error": False}]})
-        session.messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]})
+        session.messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": f"toolu_{i}",
+                        "content": "x" * 3000,
+                        "is_error": False,
+                    }
+                ],
+            }
+        )
+        session.messages.append(
+            {"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]}
+        )
     session.save()
 
 
@@ -257,7 +355,9 @@ def test_compaction_keeps_tool_pairs_together_and_survives_restart(path, load, f
     opening = messages[0]["content"]
     assert opening[0]["text"].startswith(mod.SUMMARY_PREFIX)
     assert "twelve questions" in opening[0]["text"]
-    kept = before[-len(messages):]  # the recent part is kept verbatim, its first turn after the summary
+    kept = before[
+        -len(messages) :
+    ]  # the recent part is kept verbatim, its first turn after the summary
     assert opening[1:] == mod.as_blocks(kept[0]["content"]) and messages[1:] == kept[1:]
     assert len(messages) < len(before)
     summary_request = fake_api.requests[-1]
@@ -286,9 +386,11 @@ def test_overflow_error_compacts_and_retries_once(path, load, fake_api, capsys):
     mod = load(path)
     session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
-    fake_api.script(error(400, "invalid_request_error", "prompt is too long: 1000512 tokens > 1000000 maximum"),
-                    reply("Summary of three questions."),
-                    reply("Answer after compaction."))
+    fake_api.script(
+        error(400, "invalid_request_error", "prompt is too long: 1000512 tokens > 1000000 maximum"),
+        reply("Summary of three questions."),
+        reply("Answer after compaction."),
+    )
     assert mod.agent_turn(mod.make_client(), session, "next question") == "Answer after compaction."
     assert "context window overflowed" in capsys.readouterr().out
     retried = fake_api.requests[-1]["messages"]
@@ -302,19 +404,26 @@ def test_overflow_stop_reason_compacts_and_retries(path, load, fake_api, capsys)
     mod = load(path)
     session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
-    fake_api.script(reply("Partial", stop_reason="model_context_window_exceeded"),
-                    reply("Summary."),
-                    reply("Complete answer."))
+    fake_api.script(
+        reply("Partial", stop_reason="model_context_window_exceeded"),
+        reply("Summary."),
+        reply("Complete answer."),
+    )
     assert mod.agent_turn(mod.make_client(), session, "go on") == "Complete answer."
     assert_valid_history(session.messages)
-    assert session.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": "Complete answer."}]}
+    assert session.messages[-1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "Complete answer."}],
+    }
 
 
 def test_overflow_twice_says_so_and_the_session_stays_usable(path, load, fake_api, capsys):
     mod = load(path)
     session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
-    too_long = error(400, "invalid_request_error", "prompt is too long: 2000000 tokens > 1000000 maximum")
+    too_long = error(
+        400, "invalid_request_error", "prompt is too long: 2000000 tokens > 1000000 maximum"
+    )
     fake_api.script(too_long, reply("Summary."), too_long, reply("Back to normal."))
     assert mod.agent_turn(mod.make_client(), session, "huge") is None
     assert "too long for the model, even after compaction" in capsys.readouterr().out
@@ -345,14 +454,17 @@ def test_compact_command_on_an_empty_session_says_so(path, load, fake_api, monke
     assert fake_api.requests == []
 
 
-def test_compact_on_request_keeps_the_last_four_exchanges_whatever_the_window(path, load,
-                                                                             fake_api, monkeypatch,
-                                                                             capsys):
+def test_compact_on_request_keeps_the_last_four_exchanges_whatever_the_window(
+    path, load, fake_api, monkeypatch, capsys
+):
     """The default window is 1,000,000 tokens: a share of it would keep everything."""
     mod = load(path)
     inputs = [f"message {n}" for n in range(6)] + ["/compact", "/compact"]
-    fake_api.script(*[reply(f"answer {n}") for n in range(6)], reply("Six short exchanges."),
-                    reply("Still the same."))
+    fake_api.script(
+        *[reply(f"answer {n}") for n in range(6)],
+        reply("Six short exchanges."),
+        reply("Still the same."),
+    )
     code, out = drive_repl(mod, inputs, monkeypatch, capsys)
     assert "summarizing 4 older messages" in out and "compacted: 12 messages -> 8" in out
     sent = fake_api.requests[6]["messages"][0]["content"]
@@ -363,16 +475,21 @@ def test_compact_on_request_keeps_the_last_four_exchanges_whatever_the_window(pa
     assert session.messages[0]["content"][1] == {"type": "text", "text": "message 2"}
 
 
-def test_a_hand_broken_index_and_session_file_are_repaired_with_a_line(path, load, capsys,
-                                                                       workspace):
+def test_a_hand_broken_index_and_session_file_are_repaired_with_a_line(
+    path, load, capsys, workspace
+):
     mod = load(path)
     store = main_store(mod)
     session = store.create()
     with open(store.path(session.id), "a") as f:
-        for message in [{"role": "user", "content": "go"},
-                        {"role": "assistant", "content": [{"type": "tool_use", "name": "bash",
-                                                           "input": {}}]},  # no id
-                        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, 7]}]:
+        for message in [
+            {"role": "user", "content": "go"},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "name": "bash", "input": {}}],
+            },  # no id
+            {"role": "assistant", "content": [{"type": "text", "text": "ok"}, 7]},
+        ]:
             f.write(json.dumps({"type": "message", "message": message}) + "\n")
     index = json.loads((sessions_dir(workspace) / "sessions.json").read_text())
     index["current"] = ["not", "an", "id"]
@@ -381,13 +498,17 @@ def test_a_hand_broken_index_and_session_file_are_repaired_with_a_line(path, loa
     assert "is not valid ('current' must be a session id or null)" in capsys.readouterr().out
     messages = reopened.open(session.id).messages
     assert_valid_history(messages)
-    assert messages == [{"role": "user", "content": "go"},
-                        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    assert messages == [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+    ]
 
 
 def test_end_to_end_restart_remembers(path, fake_api, subprocess_env, workspace):
     whole_process_only(path, "s03")
-    fake_api.script(reply("I'll check.", tools=[tool_use("list_dir", {})]), reply("There are ten entries."))
+    fake_api.script(
+        reply("I'll check.", tools=[tool_use("list_dir", {})]), reply("There are ten entries.")
+    )
     first = run_section(path, ["what is in the workspace?", "quit"], subprocess_env())
     assert first.returncode == 0, first.stderr
     fake_api.script(reply("You asked what is in the workspace."))
@@ -399,7 +520,9 @@ def test_end_to_end_restart_remembers(path, fake_api, subprocess_env, workspace)
     assert_valid_history(sent)
 
 
-def test_ctrl_c_during_compaction_leaves_the_session_as_it_was(path, load, fake_api, monkeypatch, capsys):
+def test_ctrl_c_during_compaction_leaves_the_session_as_it_was(
+    path, load, fake_api, monkeypatch, capsys
+):
     mod = load(path)
     session = main_store(mod).create()
     big_history(mod, session, exchanges=3)
@@ -416,11 +539,15 @@ def test_ctrl_c_during_compaction_leaves_the_session_as_it_was(path, load, fake_
     assert main_store(mod).open(session.id).messages == before
 
 
-def test_two_sessions_started_in_one_second_with_the_same_suffix_get_two_files(path, load, monkeypatch):
+def test_two_sessions_started_in_one_second_with_the_same_suffix_get_two_files(
+    path, load, monkeypatch
+):
     mod = load(path)
     store = main_store(mod)
     draws = iter([b"\x7f\x3a", b"\x7f\x3a", b"\x00\x01"])
-    monkeypatch.setattr(mod.time, "strftime", lambda fmt, *a: "20261121-093000" if "%H" in fmt else fmt)
+    monkeypatch.setattr(
+        mod.time, "strftime", lambda fmt, *a: "20261121-093000" if "%H" in fmt else fmt
+    )
     monkeypatch.setattr(mod.os, "urandom", lambda n: next(draws))
     first, second = store.create("one"), store.create("two")
     assert (first.id, second.id) == ("20261121-093000-7f3a", "20261121-093000-0001")

@@ -10,6 +10,7 @@ system prompt and messages), never written in by hand.
 
 Print one, to paste into a lesson:  python tests/make_transcript.py s01
 """
+
 import re
 
 from fake_anthropic import reply, tool_use
@@ -19,7 +20,9 @@ from fake_anthropic import reply, tool_use
 SHOWN_BASE_URL = "https://api.anthropic.com"
 SHOWN_WORKSPACE = "/home/ada/agent-gateway/workspace"
 SHOWN_GATEWAY_PORT = 18789
-SHOWN_TOKEN = "q7Vd2Lh0sXbN4kTzR9wYcA1mJ6eUfP3gHiK8oS5tWnE"  # an example: each install makes its own
+SHOWN_TOKEN = (
+    "q7Vd2Lh0sXbN4kTzR9wYcA1mJ6eUfP3gHiK8oS5tWnE"  # an example: each install makes its own
+)
 SHOWN_PAIRING_CODE = "K7M3QPX2"  # codes are random; the lesson shows this one
 
 
@@ -37,25 +40,41 @@ TRANSCRIPTS = {
         ],
     },
     "s02": {
-        "runs": [["What is in my workspace?", "Make a drafts folder with a one-line plan in it.",
-                  "o", "Now show me ../.env", "quit"]],
+        "runs": [
+            [
+                "What is in my workspace?",
+                "Make a drafts folder with a one-line plan in it.",
+                "o",
+                "Now show me ../.env",
+                "quit",
+            ]
+        ],
         "steps": [
             reply("Let me look.", tools=[tool_use("list_dir", {}, "toolu_01")]),
-            reply("Your workspace holds the eight prompt files (SOUL.md, IDENTITY.md, ...), "
-                  "CRON.json and a skills/ folder."),
+            reply(
+                "Your workspace holds the eight prompt files (SOUL.md, IDENTITY.md, ...), "
+                "CRON.json and a skills/ folder."
+            ),
             reply(tools=[tool_use("bash", {"command": "mkdir -p drafts"}, "toolu_02")]),
-            reply(tools=[tool_use("write_file", {"path": "drafts/plan.md",
-                                                 "content": "1. Read the lessons, one a day.\n"},
-                                  "toolu_03")]),
+            reply(
+                tools=[
+                    tool_use(
+                        "write_file",
+                        {"path": "drafts/plan.md", "content": "1. Read the lessons, one a day.\n"},
+                        "toolu_03",
+                    )
+                ]
+            ),
             reply("Done: drafts/plan.md holds the plan."),
             reply(tools=[tool_use("read_file", {"path": "../.env"}, "toolu_04")]),
             reply("I can't: ../.env is outside my workspace, and the tools refuse it."),
         ],
     },
     "s03": {
-        "runs": [["Remember: my project is called Lighthouse.", "Which files are in skills/?",
-                  "quit"],
-                 ["What is my project called?", "/context", "/compact", "quit"]],
+        "runs": [
+            ["Remember: my project is called Lighthouse.", "Which files are in skills/?", "quit"],
+            ["What is my project called?", "/context", "/compact", "quit"],
+        ],
         "steps": [
             reply("Noted: your project is called Lighthouse."),
             reply(tools=[tool_use("list_dir", {"path": "skills"}, "toolu_01")]),
@@ -66,34 +85,41 @@ TRANSCRIPTS = {
     },
     "s04": {
         "chat": "telegram",
-        "shown_env": {"TELEGRAM_BOT_TOKEN": "123456:FAKE",
-                      "TELEGRAM_API_BASE": "http://127.0.0.1:18781"},
-        "runs": [[
-            ("say", "hi"),                      # a stranger: a pairing code, nothing else
-            ("wait", "asks to talk"),
-            pairing_code,                       # the operator approves at the terminal
-            ("reply",),                         # "You are approved."
-            ("say", "What can you do?"),
-            ("wait", "replied"),
-            ("say_no_reply", "Save 'hi' in hello.txt, please."),
-            ("wait", "/approve 1"),             # the command waits for the operator
-            ("reply",),                         # "Waiting for the operator ..."
-            "/approvals",
-            "/approve 1",
-            ("reply",),                         # the answer, once the command has run
-            ("wait", "replied"),
-            "/channels",
-            "quit",
-        ]],
+        "shown_env": {
+            "TELEGRAM_BOT_TOKEN": "123456:FAKE",
+            "TELEGRAM_API_BASE": "http://127.0.0.1:18781",
+        },
+        "runs": [
+            [
+                ("say", "hi"),  # a stranger: a pairing code, nothing else
+                ("wait", "asks to talk"),
+                pairing_code,  # the operator approves at the terminal
+                ("reply",),  # "You are approved."
+                ("say", "What can you do?"),
+                ("wait", "replied"),
+                ("say_no_reply", "Save 'hi' in hello.txt, please."),
+                ("wait", "/approve 1"),  # the command waits for the operator
+                ("reply",),  # "Waiting for the operator ..."
+                "/approvals",
+                "/approve 1",
+                ("reply",),  # the answer, once the command has run
+                ("wait", "replied"),
+                "/channels",
+                "quit",
+            ]
+        ],
         "steps": [
-            reply("I can read and write files in my workspace and run commands there; "
-                  "the operator approves anything that changes something."),
+            reply(
+                "I can read and write files in my workspace and run commands there; "
+                "the operator approves anything that changes something."
+            ),
             reply(tools=[tool_use("bash", {"command": "echo hi > hello.txt"}, "toolu_01")]),
             reply("Done: hello.txt says hi."),
         ],
     },
     "s05": {
-        "files": {".state/gateway.json": """{
+        "files": {
+            ".state/gateway.json": """{
   "version": 1,
   "default_agent": "main",
   "dm_scope": "per-channel-peer",
@@ -108,13 +134,27 @@ TRANSCRIPTS = {
   ],
   "identity_links": {"ada": ["telegram:42", "feishu:ou_ada"]}
 }
-"""},
-        "runs": [["/agents", "/bindings", "/route telegram 42", "/route telegram 42 - -1001",
-                  "/route telegram 7", "/route feishu ou_ada", "/route slack 1",
-                  "Hello! Which agent am I talking to?", "/gateway", "quit"]],
+"""
+        },
+        "runs": [
+            [
+                "/agents",
+                "/bindings",
+                "/route telegram 42",
+                "/route telegram 42 - -1001",
+                "/route telegram 7",
+                "/route feishu ou_ada",
+                "/route slack 1",
+                "Hello! Which agent am I talking to?",
+                "/gateway",
+                "quit",
+            ]
+        ],
         "steps": [
-            reply("Claw, the gateway's main agent: the terminal has no binding of its own, "
-                  "so it gets the default."),
+            reply(
+                "Claw, the gateway's main agent: the terminal has no binding of its own, "
+                "so it gets the default."
+            ),
         ],
     },
 }

@@ -11,6 +11,7 @@ its stdin/stdout, one JSON line per run:
     {"path": ..., "env": {...}, "cwd": ..., "stdin": file, "stdout": file, "stderr": file}
     -> {"pid": child pid}   then, when it ends ->   {"status": exit code}
 """
+
 import json
 import os
 import runpy
@@ -37,8 +38,11 @@ def run_child(job: dict) -> None:
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
-        for fd, name, mode in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY),
-                               (2, "stderr", os.O_WRONLY)):
+        for fd, name, mode in (
+            (0, "stdin", os.O_RDONLY),
+            (1, "stdout", os.O_WRONLY),
+            (2, "stderr", os.O_WRONLY),
+        ):
             os.dup2(os.open(job[name], mode), fd)
         sys.stdin = open(0, encoding="utf-8", errors="strict", closefd=False)
         sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
@@ -52,6 +56,7 @@ def run_child(job: dict) -> None:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:
             import traceback
+
             traceback.print_exc()
             code = 1
         sys.stdout.flush()
