@@ -3,9 +3,11 @@
 Run for every section that exists, so a new section is checked automatically:
 - each ```python snippet occurs verbatim in the section file (a line holding only
   `...` marks an elision: the parts around it must appear in order);
-- "What changed from sNN" lists exactly the top-level functions, classes,
-  methods and UPPER_CASE constants added, changed and removed (from the ASTs);
-- the "Try it" block is what the section prints for its script in tests/transcripts.py;
+- "What changed from sNN" opens with "Read these first" (at most seven items, each
+  with why), then lists exactly the top-level functions, classes, methods and
+  UPPER_CASE constants added, changed and removed (from the ASTs), grouped by area;
+- the "Try it" blocks are what the terminals show for its script in tests/transcripts.py;
+- the lesson opens with the diff -u command that shows what this section adds;
 - the lesson has its motto, diagram and "How OpenClaw does it" table;
 - the README's learning-path table names every section with its real line count.
 """
@@ -72,6 +74,10 @@ def test_lesson_exists_with_its_parts(path):
     title = lesson.splitlines()[0]
     assert title.startswith(f"# {section_id(path)}"), title
     assert re.search(r"^> \S", lesson, flags=re.M), "a one-line motto as a quote under the title"
+    index = SECTIONS.index(path)
+    if index:  # the command that shows exactly what this section adds, near the top
+        diff = f"diff -u sessions/en/{SECTIONS[index - 1].name} sessions/en/{path.name}"
+        assert diff in "\n".join(lesson.splitlines()[:12]), f"the lesson opens with: {diff}"
     assert fenced_blocks(lesson, ""), "an ASCII diagram in a plain ``` block"
     for heading in (
         "Key concepts",
@@ -99,20 +105,52 @@ def test_snippets_are_verbatim(path):
             pos = index + len(part.rstrip("\n"))
 
 
-@pytest.mark.parametrize("path", SECTIONS, ids=ids)
-def test_change_list_matches_the_code(path):
-    lesson = lesson_of(path).read_text(encoding="utf-8")
-    index = SECTIONS.index(path)
-    before = SECTIONS[index - 1].read_text(encoding="utf-8") if index else ""
-    expected = computed_changes(before, path.read_text(encoding="utf-8"))
-    previous = section_id(SECTIONS[index - 1]) if index else "nothing"
-    block = heading_section(lesson, f"What changed from {previous}")
+def inventory(block: str) -> set[tuple[str, str]]:
+    """The (verb, name) pairs of a change list. Each "- " line names symbols in backticks after
+    a verb (added, changed, removed); a name starting with "." is a method of the last class
+    named before it on that line; what follows " — " is prose and is not read."""
     listed = set()
     for line in block.splitlines():
-        if line.startswith("- "):
-            m = re.match(r"^- (added|changed|removed) `([\w.]+)`", line)
-            assert m, f"change list line not in the form '- added|changed|removed `name`': {line}"
-            listed.add((m.group(1), m.group(2)))
+        if not line.startswith("- "):
+            continue
+        verb, owner = None, None
+        for word, name in re.findall(r"\b(added|changed|removed)\b|`([\w.]+)`",
+                                     line.split(" — ")[0]):
+            if word:
+                verb = word
+                continue
+            assert verb, f"a name before any verb (added, changed, removed): {line}"
+            if name.startswith("."):
+                assert owner, f"a method with no class before it: {line}"
+                name = owner + name
+            else:
+                owner = name
+            listed.add((verb, name))
+    return listed
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_change_list_matches_the_code(path):
+    """"What changed" opens with at most seven things to read first, each with its why; then
+    every added, changed and removed symbol, grouped, one line per class or area."""
+    lesson = lesson_of(path).read_text(encoding="utf-8")
+    index = SECTIONS.index(path)
+    source = path.read_text(encoding="utf-8")
+    before = SECTIONS[index - 1].read_text(encoding="utf-8") if index else ""
+    expected = computed_changes(before, source)
+    previous = section_id(SECTIONS[index - 1]) if index else "nothing"
+    block = heading_section(lesson, f"What changed from {previous}")
+    first, _, rest = block.partition("### Everything else")
+    assert "### Read these first" in first and rest, (
+        "What changed has a '### Read these first' list, then '### Everything else'")
+    items = re.findall(r"^\d+\. (.*)$", first, flags=re.M)
+    assert 1 <= len(items) <= 7, "Read these first: one to seven items"
+    known = set(definitions(source)) | set(definitions(before))
+    for item in items:
+        names = re.findall(r"`([\w.]+)`", item.split(" — ")[0])
+        assert names and " — " in item, f"an item names a symbol, then ' — ' and why: {item}"
+        assert set(names) <= known, f"not in the code: {set(names) - known}"
+    listed = inventory(rest)
     missing, extra = expected - listed, listed - expected
     assert not missing and not extra, (
         f"missing from the lesson: {sorted(missing)}; not in the code: {sorted(extra)}"
