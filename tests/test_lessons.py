@@ -172,21 +172,22 @@ def test_try_it_is_a_real_transcript(path):
 
 
 def test_readme_table_matches_the_sections():
+    """One row per section: its file, how many lines it adds to the one before, its lines."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     rows = re.findall(
-        r"^\|\s*(s\d\d)\s*\|.*?\((sessions/en/s\d\d_\w+\.py)\).*?\|\s*(\d+)\s*\|\s*$",
+        r"^\|\s*(s\d\d)\s*\|.*?\((sessions/en/s\d\d_\w+\.py)\).*?\|\s*\+(\d+)\s*\|\s*(\d+)\s*\|\s*$",
         readme,
         flags=re.M,
     )
     assert rows, "README has a learning-path table"
-    table = {sid: (file, int(lines)) for sid, file, lines in rows}
-    assert sorted(table) == sorted(section_id(p) for p in SECTIONS), (
-        "one row per section file, no more"
-    )
+    table = {sid: (file, int(adds), int(lines)) for sid, file, adds, lines in rows}
+    assert sorted(table) == sorted(section_id(p) for p in SECTIONS), "one row per section"
+    previous = 0
     for path in SECTIONS:
-        file, lines = table[section_id(path)]
+        file, adds, lines = table[section_id(path)]
         assert file == str(path.relative_to(REPO)), file
         real = len(path.read_text(encoding="utf-8").splitlines())
-        assert abs(lines - real) <= real * 0.10, (
-            f"{path.name}: README says {lines} lines, the file has {real}"
-        )
+        assert abs(lines - real) <= real * 0.05, f"{path.name}: README says {lines}, it has {real}"
+        added = real - previous
+        assert abs(adds - added) <= max(20, added * 0.1), f"{path.name}: adds {added}, not {adds}"
+        previous = real
