@@ -124,8 +124,7 @@ TRANSCRIPTS = {
   "default_agent": "main",
   "dm_scope": "per-channel-peer",
   "agents": [
-    {"id": "main", "name": "Claw", "model": null,
-     "tools": ["bash", "read_file", "write_file", "edit_file", "list_dir"]},
+    {"id": "main", "name": "Claw", "model": null, "tools": "*"},
     {"id": "family", "name": "Family helper", "model": "claude-haiku-5", "tools": ["read_file"]}
   ],
   "bindings": [

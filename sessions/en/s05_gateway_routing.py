@@ -2466,8 +2466,7 @@ class Route:
 
 def default_gateway_config() -> dict:
     return {"version": 1, "default_agent": AGENT_ID, "dm_scope": "per-channel-peer",
-            "agents": [{"id": AGENT_ID, "name": "Claw", "model": None,
-                        "tools": list(TOOL_HANDLERS)}],
+            "agents": [{"id": AGENT_ID, "name": "Claw", "model": None, "tools": "*"}],
             "bindings": [], "identity_links": {}}
 
 
@@ -2488,8 +2487,10 @@ def check_gateway_config(config) -> None:
                 not isinstance(agent.get("model"), (str, type(None))):
             fail(f"agents[{i}]", "needs a name (text) and a model (text, or null for MODEL_ID)")
         tools = agent.get("tools")
-        if not isinstance(tools, list) or any(t not in TOOL_HANDLERS for t in tools):
-            fail(f"agents[{i}].tools", f"must be a list drawn from {', '.join(TOOL_HANDLERS)}")
+        if tools != "*" and (not isinstance(tools, list) or any(t not in TOOL_HANDLERS
+                                                                for t in tools)):
+            fail(f"agents[{i}].tools", f'must be "*" (every tool) or a list drawn from '
+                                       f"{', '.join(TOOL_HANDLERS)}")
     ids = [agent["id"] for agent in agents]
     if len(set(ids)) != len(ids):
         fail("agents", "two agents have the same id")
@@ -2564,7 +2565,9 @@ class Router:
         return config
 
     def make_agents(self) -> dict[str, Agent]:
-        return {a["id"]: Agent(a["id"], a["name"], a["model"] or MODEL_ID, list(a["tools"]))
+        """The agents; "*" for tools means every tool this section has (later sections add some)."""
+        return {a["id"]: Agent(a["id"], a["name"], a["model"] or MODEL_ID,
+                               list(TOOL_HANDLERS) if a["tools"] == "*" else list(a["tools"]))
                 for a in self.config["agents"]}
 
     def save(self) -> None:
