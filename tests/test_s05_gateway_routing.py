@@ -1109,3 +1109,47 @@ def test_gateway_json_an_older_version_kept_in_the_workspace_moves_to_the_state_
         and gateway_config(workspace)["dm_scope"] == "main"
     )
     assert "dm_scope main" in out and "[state] moved 1 item(s)" in out
+
+
+def test_every_chat_send_gets_an_answer_even_past_the_waiting_cap(path, load, fake_api,
+                                                                  monkeypatch, capsys):
+    mod = load(path)
+    gate = threading.Event()
+    fake_api.script(reply("first", gate=gate))
+    many = mod.MAX_WAITING_TURNS + 3
+
+    def body(gw):
+        client = gw.client()
+        for n in range(1 + many):
+            client.ws.send(json.dumps({"jsonrpc": "2.0", "id": n, "method": "chat.send",
+                                       "params": {"text": f"m{n}", "peer_id": "p"}}))
+        answers = {}
+        while len(answers) < 3:  # the ones past the cap are answered at once
+            message = client.receive()
+            if "id" in message:
+                answers[message["id"]] = message["result"]["text"]
+        gate.set()
+        while len(answers) < 1 + many:
+            message = client.receive()
+            if "id" in message:
+                answers[message["id"]] = message["result"]["text"]
+        return answers
+    code, out, answers = with_gateway(mod, monkeypatch, capsys, body)
+    busy = [n for n, text in answers.items() if text == mod.BUSY_REPLY]
+    assert len(answers) == 1 + many and len(busy) == 3
+
+
+def test_under_per_peer_a_gateway_client_never_shares_a_telegram_users_session(path, load,
+                                                                               workspace):
+    write_config(workspace, dm_scope="per-peer")
+    mod = load(path)
+    router = mod.Router(state_of(workspace) / "gateway.json")
+    telegram = router.resolve(message(mod, sender="42")).session_key
+    web = router.resolve(mod.probe_message("webchat", "42", "gateway")).session_key
+    assert telegram == "agent:main:direct:42" and web == "agent:main:webchat:direct:42"
+
+
+def test_a_gateway_token_too_short_to_keep_anyone_out_is_refused(path, load, capsys):
+    mod = load(path, GATEWAY_TOKEN="short")
+    assert mod.main() == 2
+    assert "GATEWAY_TOKEN is too short" in capsys.readouterr().err

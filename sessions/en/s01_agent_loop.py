@@ -9,7 +9,7 @@ list stays one the API accepts.
 New here:
   [s01] Configuration — dim, make_client
   [s01] Errors, by type — describe_api_error
-  [s01] The agent loop — stream_reply, print_usage, agent_turn
+  [s01] The agent loop — printable, stream_reply, print_usage, agent_turn
   [s01] The REPL: one table of commands — Repl, show_help, run_command, main
 
 Run:  python sessions/en/s01_agent_loop.py
@@ -89,12 +89,25 @@ def describe_api_error(exc: anthropic.APIError) -> str:
 
 
 # --- [s01] The agent loop -----------------------------------------------------
+def printable(text: str, keep_lines: bool = False) -> str:
+    """Text that is safe to show at a terminal. Every character Python does not call printable
+    (C0 and C1 controls such as ESC, DEL, bidi overrides such as U+202E, zero-width and other
+    format characters) is shown as its escape, the way repr() writes it: ESC as \\x1b. A reply
+    or a command can then never move the cursor, erase a line or recolour what the person
+    reads. keep_lines: newlines and tabs stay as they are (a reply's lines), else they too
+    are shown as \\n and \\t (one line that must stay one line)."""
+    if text.isprintable():
+        return text
+    kept = "\n\t" if keep_lines else ""
+    return "".join(ch if ch.isprintable() or ch in kept else repr(ch)[1:-1] for ch in text)
+
+
 def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
     """Send the conversation; print text as it arrives; return the whole message."""
     with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS,
                                 system=SYSTEM_PROMPT, messages=messages) as stream:
         for text in stream.text_stream:
-            print(text, end="", flush=True)
+            print(printable(text, keep_lines=True), end="", flush=True)  # the model's words
         return stream.get_final_message()
 
 

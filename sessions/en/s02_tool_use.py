@@ -13,10 +13,10 @@ New here:
   [s02] Tools: where they may reach — ToolError, safe_path, prepare_folders, move_old_state,
       truncate, write_atomic, read_bytes, read_text
   [s02] Tools: the handlers — read_file, write_file, edit_file, describe_entry, list_dir
-  [s02] Exec approvals — printable, ReadOnlyProgram, option_table, dangerous_reason,
-      is_plain_command, parse_arguments, is_safe_argument, is_read_only, load_approvals,
-      is_always_approved, remember_always, ask_person, check_command, approve_at_terminal,
-      child_environment, OutputKeeper, bash
+  [s02] Exec approvals — ReadOnlyProgram, option_table, dangerous_reason, is_plain_command,
+      parse_arguments, is_safe_argument, is_read_only, load_approvals, is_always_approved,
+      remember_always, ask_person, check_command, approve_at_terminal, child_environment,
+      OutputKeeper, bash
   [s02] Tools: what the model sees, and the dispatch table — check_arguments, run_tool, preview,
       run_tool_calls
 Changed here:
@@ -73,13 +73,15 @@ STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
 BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
-MAX_TOOL_OUTPUT = 20_000    # characters of one tool result; the middle of longer output is cut
+MAX_TOOL_OUTPUT = 20_000    # characters (or bytes) of one tool result; longer: the middle is cut
 SYSTEM_PROMPT = ("You are a helpful assistant talking to one person in a terminal. Be concise. "
                  "You have tools to read and change files in your workspace (a folder on this "
                  "machine) and to run shell commands there; paths are relative to it.")
 
-# Where older versions kept state inside the workspace: moved to STATE_DIR at start-up.
-OLD_STATE_PLACES = [(WORKSPACE_DIR / ".state", STATE_DIR)]
+# Where older versions kept state inside the workspace: moved to STATE_DIR at start-up, and
+# reserved: no tool may write there, or what it wrote would be taken for state.
+OLD_STATE_PLACES = [(WORKSPACE_DIR / ".state", STATE_DIR),
+                    (WORKSPACE_DIR / "gateway.json", STATE_DIR / "gateway.json")]
 
 USE_COLOR = sys.stdout.isatty() and not os.getenv("NO_COLOR")
 
@@ -126,12 +128,25 @@ def describe_api_error(exc: anthropic.APIError) -> str:
 
 
 # --- [s01] The agent loop -----------------------------------------------------
+def printable(text: str, keep_lines: bool = False) -> str:
+    """Text that is safe to show at a terminal. Every character Python does not call printable
+    (C0 and C1 controls such as ESC, DEL, bidi overrides such as U+202E, zero-width and other
+    format characters) is shown as its escape, the way repr() writes it: ESC as \\x1b. A reply
+    or a command can then never move the cursor, erase a line or recolour what the person
+    reads. keep_lines: newlines and tabs stay as they are (a reply's lines), else they too
+    are shown as \\n and \\t (one line that must stay one line)."""
+    if text.isprintable():
+        return text
+    kept = "\n\t" if keep_lines else ""
+    return "".join(ch if ch.isprintable() or ch in kept else repr(ch)[1:-1] for ch in text)
+
+
 def stream_reply(client: anthropic.Anthropic, messages: list) -> anthropic.types.Message:
     """Send the conversation; print text as it arrives; return the whole message."""
     with client.messages.stream(model=MODEL_ID, max_tokens=MAX_TOKENS, system=SYSTEM_PROMPT,
                                 tools=TOOLS, messages=messages) as stream:
         for text in stream.text_stream:
-            print(text, end="", flush=True)
+            print(printable(text, keep_lines=True), end="", flush=True)  # the model's words
         return stream.get_final_message()
 
 
@@ -246,6 +261,9 @@ def safe_path(raw: str) -> Path:
         raise ToolError(f"{raw!r} is outside the workspace; use a path inside {WORKSPACE_DIR}")
     if path.name == ".env":
         raise ToolError(f"{raw!r} is private: .env files hold secrets and are off limits")
+    if any(path == old or path.is_relative_to(old) for old, _ in OLD_STATE_PLACES):
+        # Where older versions kept state: what a tool wrote there would be taken for state.
+        raise ToolError(f"{raw!r} is reserved: older versions kept the gateway's state there")
     return path
 
 
@@ -284,11 +302,16 @@ def move_old_state(old: Path, new: Path) -> None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(entry), str(target))
+        for path in [target, *(target.rglob("*") if target.is_dir() else [])]:
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)  # state is owner-only
         moved += 1
     if old.is_dir() and not kept:
         old.rmdir()
-    print(dim(f"[state] moved {moved} item(s) from {old} to {new}"
-              + (f"; {kept} left there because {new} already has them" if kept else "")))
+    if moved:
+        print(dim(f"[state] moved {moved} item(s) from {old} to {new}"))
+    if kept:
+        print(dim(f"[state] {old} is left over from an older version and not used: "
+                  f"{new} already has what it holds. Delete it when you no longer need it."))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -438,7 +461,7 @@ def list_dir(path: str = ".") -> str:
         if entry.name == ".env":
             continue  # secrets: not even the name is shown
         lines.append(describe_entry(entry))
-    return "\n".join(lines) or "(empty)"
+    return truncate("\n".join(lines)) or "(empty)"  # a folder of a million files stays readable
 
 
 # --- [s02] Exec approvals -----------------------------------------------------
@@ -451,18 +474,6 @@ ANSWERS = {"o": "once", "once": "once", "a": "always", "always": "always",
 SHELL_OPERATORS = re.compile(r"[;&|<>`$(){}\n\\#!]")
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 NUMBER = re.compile(r"[+-]?[0-9]+[A-Za-z]{0,3}")  # 5, +5, -5, 10K, 2MiB: counts and sizes
-
-
-def printable(text: str) -> str:
-    """Text that is safe to show at a terminal. Every character Python does not call printable
-    (C0 and C1 controls, DEL, bidi overrides such as U+202E, zero-width and other format
-    characters, line and paragraph separators, spaces other than " ") is shown as its escape,
-    the way repr() writes it: a newline as \\n, ESC as \\x1b, U+202E as \\u202e. Text from the
-    model or from a command can then never move the cursor, erase a line or reorder what the
-    person reads, and what they see is what would run."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 @dataclass(frozen=True)
@@ -665,7 +676,7 @@ def load_approvals() -> list[dict]:
         return []
     try:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
-        entries = data["always"] if data.get("version") == 2 else None
+        entries = data.get("always") if data.get("version") == 2 else None
         if isinstance(entries, list) and all(
                 isinstance(e, dict) and set(e) == {"command", "scope"}
                 and all(isinstance(v, str) and v for v in e.values()) for e in entries):

@@ -19,6 +19,7 @@ Changed here:
   stream_reply — uses the agent's model and tools
   agent_turn — takes the agent that answers
   run_tool, run_tool_calls — refuse a tool the agent does not have
+  InboundMessage — carries its route, decided once when the bus takes it
   Channel — stream, deliver_reply, failed: what the gateway needs from every channel
   ApprovalQueue, ChatReply — a chat is labelled by its routed session key; a reply streams
   MessageBus — routes every message: one session store per agent
@@ -89,7 +90,7 @@ STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
 BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
-MAX_TOOL_OUTPUT = 20_000    # characters of one tool result; the middle of longer output is cut
+MAX_TOOL_OUTPUT = 20_000    # characters (or bytes) of one tool result; longer: the middle is cut
 AGENT_ID = "main"  # the default agent; gateway.json can name more
 SESSIONS_ROOT = STATE_DIR / "sessions"  # one folder per agent: sessions/<agent id>/
 CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens the model reads at once
@@ -99,7 +100,8 @@ SYSTEM_PROMPT = ("You are a helpful assistant that people reach from a terminal 
                  "You have tools to read and change files in your workspace (a folder on this "
                  "machine) and to run shell commands there; paths are relative to it.")
 
-# Where older versions kept state inside the workspace: moved to STATE_DIR at start-up.
+# Where older versions kept state inside the workspace: moved to STATE_DIR at start-up, and
+# reserved: no tool may write there, or what it wrote would be taken for state.
 OLD_STATE_PLACES = [(WORKSPACE_DIR / ".state", STATE_DIR),
                     (WORKSPACE_DIR / "gateway.json", STATE_DIR / "gateway.json")]
 
@@ -151,6 +153,19 @@ def describe_api_error(exc: anthropic.APIError) -> str:
 
 
 # --- [s01] The agent loop -----------------------------------------------------
+def printable(text: str, keep_lines: bool = False) -> str:
+    """Text that is safe to show at a terminal. Every character Python does not call printable
+    (C0 and C1 controls such as ESC, DEL, bidi overrides such as U+202E, zero-width and other
+    format characters) is shown as its escape, the way repr() writes it: ESC as \\x1b. A reply
+    or a command can then never move the cursor, erase a line or recolour what the person
+    reads. keep_lines: newlines and tabs stay as they are (a reply's lines), else they too
+    are shown as \\n and \\t (one line that must stay one line)."""
+    if text.isprintable():
+        return text
+    kept = "\n\t" if keep_lines else ""
+    return "".join(ch if ch.isprintable() or ch in kept else repr(ch)[1:-1] for ch in text)
+
+
 def stream_reply(client: anthropic.Anthropic, messages: list, out: TerminalOutput,
                  agent: Agent | None = None) -> anthropic.types.Message:
     """Send the conversation; pass text on as it arrives; return the whole message.
@@ -312,6 +327,9 @@ def safe_path(raw: str) -> Path:
         raise ToolError(f"{raw!r} is outside the workspace; use a path inside {WORKSPACE_DIR}")
     if path.name == ".env":
         raise ToolError(f"{raw!r} is private: .env files hold secrets and are off limits")
+    if any(path == old or path.is_relative_to(old) for old, _ in OLD_STATE_PLACES):
+        # Where older versions kept state: what a tool wrote there would be taken for state.
+        raise ToolError(f"{raw!r} is reserved: older versions kept the gateway's state there")
     return path
 
 
@@ -350,11 +368,16 @@ def move_old_state(old: Path, new: Path) -> None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(entry), str(target))
+        for path in [target, *(target.rglob("*") if target.is_dir() else [])]:
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)  # state is owner-only
         moved += 1
     if old.is_dir() and not kept:
         old.rmdir()
-    print(dim(f"[state] moved {moved} item(s) from {old} to {new}"
-              + (f"; {kept} left there because {new} already has them" if kept else "")))
+    if moved:
+        print(dim(f"[state] moved {moved} item(s) from {old} to {new}"))
+    if kept:
+        print(dim(f"[state] {old} is left over from an older version and not used: "
+                  f"{new} already has what it holds. Delete it when you no longer need it."))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -504,7 +527,7 @@ def list_dir(path: str = ".") -> str:
         if entry.name == ".env":
             continue  # secrets: not even the name is shown
         lines.append(describe_entry(entry))
-    return "\n".join(lines) or "(empty)"
+    return truncate("\n".join(lines)) or "(empty)"  # a folder of a million files stays readable
 
 
 # --- [s02] Exec approvals -----------------------------------------------------
@@ -517,18 +540,6 @@ ANSWERS = {"o": "once", "once": "once", "a": "always", "always": "always",
 SHELL_OPERATORS = re.compile(r"[;&|<>`$(){}\n\\#!]")
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 NUMBER = re.compile(r"[+-]?[0-9]+[A-Za-z]{0,3}")  # 5, +5, -5, 10K, 2MiB: counts and sizes
-
-
-def printable(text: str) -> str:
-    """Text that is safe to show at a terminal. Every character Python does not call printable
-    (C0 and C1 controls, DEL, bidi overrides such as U+202E, zero-width and other format
-    characters, line and paragraph separators, spaces other than " ") is shown as its escape,
-    the way repr() writes it: a newline as \\n, ESC as \\x1b, U+202E as \\u202e. Text from the
-    model or from a command can then never move the cursor, erase a line or reorder what the
-    person reads, and what they see is what would run."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 @dataclass(frozen=True)
@@ -731,7 +742,7 @@ def load_approvals() -> list[dict]:
         return []
     try:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
-        entries = data["always"] if data.get("version") == 2 else None
+        entries = data.get("always") if data.get("version") == 2 else None
         if isinstance(entries, list) and all(
                 isinstance(e, dict) and set(e) == {"command", "scope"}
                 and all(isinstance(v, str) and v for v in e.values()) for e in entries):
@@ -1516,7 +1527,7 @@ class TerminalOutput:
     and a command that needs approval is asked about right here."""
 
     def say(self, text: str = "", end: str = "\n") -> None:
-        print(text, end=end, flush=True)
+        print(printable(text, keep_lines=True), end=end, flush=True)
 
     def note(self, text: str) -> None:
         print(dim(text))
@@ -1573,6 +1584,7 @@ class InboundMessage:
     thread: str | None = None   # a Telegram forum topic
     media: str | None = None    # "photo", "file"...: something came along with the words
     raw: dict = field(default_factory=dict, repr=False)
+    route: Route | None = field(default=None, repr=False)  # set once, when the bus takes it
 
     @property
     def session_key(self) -> str:
@@ -2268,13 +2280,16 @@ class MessageBus:
                                    if message.channel == "webchat" else None)
 
     def publish(self, message: InboundMessage) -> None:
-        key = self.route(message).session_key
+        # Routed once, here: a binding changed meanwhile cannot send it to another session.
+        message.route = self.route(message)
+        key = message.route.session_key
         with self.lock:
             line = self.waiting.get(key)
             if line is not None and message.text.strip() == "/new":
                 line.clear()  # a fresh start: what was waiting is not answered in the new session
             if line is not None and len(line) >= MAX_WAITING_TURNS:
-                if key not in self.told_busy:  # once per full line, from a short-lived thread
+                # Once per full line for a chat; a gateway client waits for every answer.
+                if key not in self.told_busy or message.channel == "webchat":
                     self.told_busy.add(key)
                     threading.Thread(target=self.send_quietly, args=(message, BUSY_REPLY),
                                      daemon=True).start()
@@ -2318,8 +2333,7 @@ class MessageBus:
         return not self.waiting
 
     def handle(self, message: InboundMessage) -> None:
-        channel, text, route = self.channels[message.channel], message.prompt_text(), \
-            self.route(message)
+        channel, text, route = self.channels[message.channel], message.prompt_text(), message.route
         who = printable(f"{message.sender_name or message.sender} ({message.sender})")
         log(f"[{route.session_key}] {who}: {printable(preview(text))}")
         if message.channel != "webchat" and \
@@ -2362,10 +2376,11 @@ class MessageBus:
                                 f"or /pair deny {code}{more}")
 
     def send_quietly(self, message: InboundMessage, text: str) -> None:
+        key = message.route.session_key if message.route else message.session_key
         try:
-            self.channels[message.channel].send(message, text)
+            self.channels[message.channel].deliver_reply(message, text)
         except Exception as exc:
-            log(f"[{message.session_key}] could not send: {printable(str(exc))}")
+            log(f"[{key}] could not send: {printable(str(exc))}")
 
 
 # --- [s04] Commands: channels, pairing, approvals -----------------------------
@@ -2602,8 +2617,10 @@ class Router:
             return f"agent:{agent_id}:main"
         if person:
             return f"agent:{agent_id}:direct:{person}"
-        if scope == "per-peer":
+        if scope == "per-peer" and message.channel != "webchat":
             return f"agent:{agent_id}:direct:{message.sender}"
+        # per-channel-peer, and a gateway client under per-peer: its peer ids are whatever the
+        # client chose, so they never share a chat user's session without an identity link.
         return f"agent:{agent_id}:{message.channel}:direct:{message.sender}"
 
     def linked_identity(self, message: InboundMessage) -> str | None:
@@ -2665,6 +2682,9 @@ class RpcError(Exception):
 def load_gateway_token() -> str:
     """GATEWAY_TOKEN, or the one generated on first start (an owner-only file)."""
     if GATEWAY_TOKEN:
+        if len(GATEWAY_TOKEN) < 16:
+            raise ConfigError("GATEWAY_TOKEN is too short to keep anyone out: use at least 16 "
+                              "characters, or leave it empty to have one generated.")
         return GATEWAY_TOKEN
     token = TOKEN_FILE.read_text(encoding="utf-8").strip() if TOKEN_FILE.exists() else ""
     if len(token) < 16:
@@ -3147,7 +3167,8 @@ function closed() {
 async function restoreConversation() {
   log.replaceChildren();
   try {
-    const {session_key} = await call("route.resolve", {channel: "webchat", peer});
+    const {session_key} = await call("route.resolve",
+                                     {channel: "webchat", peer, account: "gateway"});
     (await call("chat.history", {session_key})).messages.forEach(showMessage);
   } catch (error) {
     if (error.code !== -32004) line("notice", "The conversation did not load: " + error.message);
@@ -3277,8 +3298,12 @@ def main() -> int:
                                         FEISHU_API_BASE or FEISHU_API_BASES.get(FEISHU_DOMAIN, ""))}
     pairing = Pairing({"telegram": TELEGRAM_ALLOW_FROM, "feishu": FEISHU_ALLOW_FROM})
     bus = MessageBus(client, router, guard, channels, pairing, ApprovalQueue())
-    channels["webchat"] = gateway = GatewayChannel(bus, GATEWAY_HOST, GATEWAY_PORT,
-                                                   load_gateway_token())
+    try:
+        token = load_gateway_token()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    channels["webchat"] = gateway = GatewayChannel(bus, GATEWAY_HOST, GATEWAY_PORT, token)
     # The terminal is routed too: a binding for channel "terminal" picks its agent (at start-up).
     terminal = router.resolve(probe_message("terminal", "local", "local"))
     for channel in channels.values():
