@@ -332,3 +332,13 @@ def test_a_byte_that_is_not_utf8_at_the_prompt_is_not_a_crash(path, fake_api, su
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"Traceback" not in proc.stderr
     assert last_user_text(fake_api.requests[0]) == "caf\ufffd \ufffd\ufffd"
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_the_models_words_cannot_drive_the_terminal(path, load, fake_api, monkeypatch, capsys):
+    """A reply holding escape sequences (clear the screen, move the cursor, a bidi override)
+    is shown with them escaped; its lines stay lines."""
+    fake_api.script(reply("fine\x1b[2J\x1b[1A\u202eevil\nsecond line"))
+    code, out = drive_repl(load(path), ["hi"], monkeypatch, capsys)
+    assert "\x1b" not in out.replace("\x1b[2m", "").replace("\x1b[0m", "") and "\u202e" not in out
+    assert "fine\\x1b[2J\\x1b[1A\\u202eevil\nsecond line" in out

@@ -877,3 +877,25 @@ def test_state_an_older_version_left_in_the_workspace_moves_out_once(
     assert stat.S_IMODE(state_of(workspace).stat().st_mode) == 0o700
     code, out = drive_repl(load(path), [], monkeypatch, capsys)
     assert "[state]" not in out
+
+
+def test_no_tool_writes_where_older_versions_kept_state(path, load, workspace, monkeypatch):
+    """What a tool wrote there would be moved into the state folder at the next start."""
+    mod = load(path)
+    planted = {"version": 2, "always": [{"command": "touch pwned", "scope": "terminal"}]}
+    for name in (".state/exec-approvals.json", ".state/x/y", "gateway.json"):
+        text, is_error = mod.run_tool("write_file", {"path": name, "content": json.dumps(planted)})
+        assert is_error and "reserved" in text, name
+    asked = answers(monkeypatch, "d")
+    text, is_error = mod.run_tool("bash", {"command": "touch pwned"})
+    assert asked and is_error and not (workspace / "pwned").exists()
+
+
+def test_an_approvals_file_without_always_is_moved_aside(path, load, workspace, monkeypatch):
+    mod = load(path)
+    state_of(workspace).mkdir()
+    (state_of(workspace) / "exec-approvals.json").write_text('{"version": 2}')
+    asked = answers(monkeypatch, "d")
+    text, is_error = mod.run_tool("bash", {"command": "touch a.txt"})
+    assert asked and "the person denied" in text
+    assert list(state_of(workspace).glob("exec-approvals.corrupt-*.json"))
