@@ -1139,16 +1139,18 @@ class SessionStore:
 
     def open(self, session_id: str) -> Session:
         session = Session(self, session_id, self.replay(session_id))
-        self.index["current"] = session_id
-        self.write_index()
+        if self.index.get("current") != session_id:  # the index changes: write it
+            self.index["current"] = session_id
+            self.write_index()
         return session
 
     def resume(self) -> Session:
-        """The session used last, or a new one."""
+        """The session used last (after a rebuilt index: the one changed last), or a new one."""
         current = self.index.get("current")
-        if current in self.index["sessions"] and self.path(current).exists():
-            return self.open(current)
-        return self.create()
+        if current not in self.index["sessions"] or not self.path(current).exists():
+            newest = self.listing()
+            current = newest[0][0] if newest else None
+        return self.open(current) if current else self.create()
 
     def replay(self, session_id: str) -> list:
         path, messages = self.path(session_id), []

@@ -1193,16 +1193,18 @@ class SessionStore:
 
     def open(self, session_id: str) -> Session:
         session = Session(self, session_id, self.replay(session_id))
-        self.index["current"] = session_id
-        self.write_index()
+        if self.index.get("current") != session_id:  # the index changes: write it
+            self.index["current"] = session_id
+            self.write_index()
         return session
 
     def resume(self) -> Session:
-        """The session used last, or a new one."""
+        """The session used last (after a rebuilt index: the one changed last), or a new one."""
         current = self.index.get("current")
-        if current in self.index["sessions"] and self.path(current).exists():
-            return self.open(current)
-        return self.create()
+        if current not in self.index["sessions"] or not self.path(current).exists():
+            newest = self.listing()
+            current = newest[0][0] if newest else None
+        return self.open(current) if current else self.create()
 
     def replay(self, session_id: str) -> list:
         path, messages = self.path(session_id), []
@@ -1856,6 +1858,7 @@ FEISHU_API_BASES = {"feishu": "https://open.feishu.cn", "lark": "https://open.la
 FEISHU_TOKEN_MARGIN = 300  # fetch a new tenant token this many seconds before the old one expires
 FEISHU_TOKEN_ERRORS = {99991661, 99991663, 99991668}  # tenant token missing, invalid or expired
 MAX_WEBHOOK_BODY = 1_000_000  # bytes; a bigger POST is refused unread
+FEISHU_ID = re.compile(r"[\w-]{1,128}")  # open_id, chat_id: they end up in session keys and logs
 WEBHOOK_READ_TIMEOUT = 10     # seconds a client may stay silent mid-request before it is dropped
 MAX_WEBHOOK_REQUESTS = 16     # requests handled at once; more are refused with 503 at once
 
@@ -1986,8 +1989,8 @@ class FeishuChannel(Channel):
 
     def to_inbound(self, body: dict) -> InboundMessage:
         m, sender = body["event"]["message"], body["event"]["sender"]["sender_id"]["open_id"]
-        if not isinstance(sender, str) or not isinstance(m["chat_id"], str):
-            raise TypeError("open_id and chat_id must be text")
+        if not all(isinstance(x, str) and FEISHU_ID.fullmatch(x) for x in (sender, m["chat_id"])):
+            raise ValueError("open_id and chat_id must be ids like ou_... and oc_...")
         is_group = m["chat_type"] != "p2p"
         kind = m.get("message_type")
         text = json.loads(m.get("content") or "{}").get("text", "") if kind == "text" else ""
@@ -2109,7 +2112,8 @@ class Pairing:
             if any(r["channel"] == message.channel and r["sender"] == message.sender
                    for r in requests):
                 return None
-            waiting = [r for r in requests if r["channel"] == message.channel]
+            waiting = [r for r in requests if r["channel"] == message.channel
+                       and not r.get("denied")]  # a denied sender stays denied for the hour
             if len(waiting) >= MAX_PENDING_PAIRINGS:
                 requests.remove(waiting[0])
             code = "".join(secrets.choice(PAIRING_ALPHABET) for _ in range(8))
@@ -2289,7 +2293,9 @@ class MessageBus:
                 line.clear()  # a fresh start: what was waiting is not answered in the new session
             if line is not None and len(line) >= MAX_WAITING_TURNS:
                 # Once per full line for a chat; a gateway client waits for every answer.
-                if key not in self.told_busy or message.channel == "webchat":
+                allowed = message.channel == "webchat" or \
+                    self.pairing.is_allowed(message.channel, message.sender)
+                if allowed and (key not in self.told_busy or message.channel == "webchat"):
                     self.told_busy.add(key)
                     threading.Thread(target=self.send_quietly, args=(message, BUSY_REPLY),
                                      daemon=True).start()
@@ -2309,7 +2315,8 @@ class MessageBus:
                         del self.waiting[key]
                         self.told_busy.discard(key)
                         break
-                    sender = self.waiting[key][0].sender
+                    first = self.waiting[key][0]
+                    sender = f"{first.channel}:{first.sender}"
                     if sender in self.busy_senders:  # their other chat has a worker: wait for it
                         self.busy_senders[sender].append(key)
                         break
@@ -2334,11 +2341,11 @@ class MessageBus:
 
     def handle(self, message: InboundMessage) -> None:
         channel, text, route = self.channels[message.channel], message.prompt_text(), message.route
-        who = printable(f"{message.sender_name or message.sender} ({message.sender})")
-        log(f"[{route.session_key}] {who}: {printable(preview(text))}")
         if message.channel != "webchat" and \
                 not self.pairing.is_allowed(message.channel, message.sender):
             return self.refuse(message, channel)  # (gateway clients passed the token instead)
+        who = printable(f"{message.sender_name or message.sender} ({message.sender})")
+        log(f"[{route.session_key}] {who}: {printable(preview(text))}")
         store = self.store_for(route.agent.id)
         if text in ("/start", "/help"):
             return channel.deliver_reply(message, REMOTE_HELP)
@@ -2360,20 +2367,24 @@ class MessageBus:
             f"{route.tier} route)")
 
     def refuse(self, message: InboundMessage, channel: Channel) -> None:
-        """A sender on no list: a pairing code in a direct chat, silence in a group."""
+        """A sender on no list: a pairing code in a direct chat (once), silence in a group.
+        The terminal gets one line per burst of strangers, however many write."""
         who = printable(f"{message.channel} user {message.sender_name or '?'} ({message.sender})")
-        if message.is_group:
-            return log(f"[pairing] ignored {who} in a group: not paired "
-                       "(pairing works in a direct chat)")
-        code = self.pairing.request(message)
-        if not code:
-            return log(f"[pairing] ignored {who}: a request of theirs is pending or was denied")
-        channel.send(message, PAIRING_REPLY.format(code=code))
+        code = None if message.is_group else self.pairing.request(message)
+        if code:
+            channel.send(message, PAIRING_REPLY.format(code=code))
         unlogged = self.pairing.should_log()
-        if unlogged is not None:
-            more = f" ({unlogged} more asked quietly before; /pair lists them)" if unlogged else ""
+        if unlogged is None:
+            return  # counted, shown with the next line
+        more = f" ({unlogged} more messages from strangers before; /pair lists who waits)" \
+            if unlogged else ""
+        if code:
             print_in_background(f"[pairing] {who} asks to talk: /pair approve {code} "
                                 f"or /pair deny {code}{more}")
+        else:
+            where = "in a group (pairing works in a direct chat)" if message.is_group else \
+                "again (a request of theirs is pending or was denied)"
+            log(f"[pairing] ignored {who} {where}{more}")
 
     def send_quietly(self, message: InboundMessage, text: str) -> None:
         key = message.route.session_key if message.route else message.session_key
