@@ -342,3 +342,26 @@ def test_the_models_words_cannot_drive_the_terminal(path, load, fake_api, monkey
     code, out = drive_repl(load(path), ["hi"], monkeypatch, capsys)
     assert "\x1b" not in out.replace("\x1b[2m", "").replace("\x1b[0m", "") and "\u202e" not in out
     assert "fine\\x1b[2J\\x1b[1A\\u202eevil\nsecond line" in out
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
+def test_a_stream_that_breaks_off_in_any_way_drops_the_turn_not_the_program(
+    path, load, fake_api, monkeypatch, capsys
+):
+    """Not every failure is an APIError: a dropped connection mid-stream, or tool JSON the SDK
+    cannot parse. The turn is dropped with one line, the history stays valid, the REPL goes on."""
+    mod = load(path)
+    real = mod.stream_reply
+    calls = []
+
+    def breaks_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("Unable to parse tool parameter JSON from model")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "stream_reply", breaks_once)
+    code, out = drive_repl(mod, ["first", "second"], monkeypatch, capsys)
+    assert code == 0 and "the reply broke off, ValueError" in out
+    assert "(fake) you said: second" in out
+    assert_valid_history(fake_api.requests[-1]["messages"])

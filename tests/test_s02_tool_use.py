@@ -321,7 +321,7 @@ def test_always_is_stored_and_honoured_after_a_restart(path, load, monkeypatch, 
     stored = json.loads(approvals.read_text())
     assert stored == {
         "version": 2,
-        "always": [{"command": "mkdir -p build/one", "scope": "terminal"}],
+        "always": [{"command": "mkdir -p build/one", "scope": "terminal", "files": {}}],
     }
     assert approvals.stat().st_mode & 0o777 == 0o600
     (workspace / "build/one").rmdir()
@@ -469,8 +469,10 @@ def test_end_to_end_tool_call_with_approval(path, fake_api, subprocess_env, work
     run = run_section(path, ["make a drafts folder", "o", "quit"], subprocess_env())
     assert run.returncode == 0, run.stderr
     assert (
-        "  The model wants to run: mkdir -p drafts\n"
-        "  (always: this exact command runs without asking from now on; any other asks)\n"
+        "  The model wants to run (15 characters): mkdir -p drafts\n"
+        "  (always: this exact command runs without asking from now on, while the files it "
+        "names stay the same; a script it reads without naming it, such as a Makefile, can "
+        "still change)\n"
         "  Allow? [o]nce / [a]lways / [d]eny > o\n"
     ) in run.transcript
     assert "Created drafts/." in run.transcript
@@ -548,13 +550,14 @@ def test_the_prompt_shows_control_characters_instead_of_obeying_them(
     mod.run_tool("bash", {"command": command})
     out = capsys.readouterr().out
     assert (
-        "The model wants to run: ls -la ;touch PWNED #\\x1b[1A\\x1b[2K"
+        "The model wants to run (61 characters): ls -la ;touch PWNED #\\x1b[1A\\x1b[2K"
         "  The model wants to run: ls -la\n"
     ) in out
     assert "\x1b" not in out and not (workspace / "PWNED").exists()
     answers(monkeypatch, "d")
     mod.run_tool("bash", {"command": "echo one\ntouch two"})
-    assert "The model wants to run: echo one\\ntouch two\n" in capsys.readouterr().out
+    assert "The model wants to run (18 characters): echo one\\ntouch two\n" in \
+        capsys.readouterr().out
 
 
 def test_tool_calls_and_results_are_shown_escaped(path, load, monkeypatch, capsys, workspace):
@@ -899,3 +902,52 @@ def test_an_approvals_file_without_always_is_moved_aside(path, load, workspace, 
     text, is_error = mod.run_tool("bash", {"command": "touch a.txt"})
     assert asked and "the person denied" in text
     assert list(state_of(workspace).glob("exec-approvals.corrupt-*.json"))
+
+
+def test_a_long_blank_run_cannot_push_the_real_command_off_the_screen(path, load, monkeypatch,
+                                                                     capsys):
+    mod = load(path)
+    answers(monkeypatch, "d")
+    mod.run_tool("bash", {"command": "cp -r ~/.ssh /tmp/x; " + " " * 2500 + "ls -la"})
+    line = next(x for x in capsys.readouterr().out.splitlines() if "wants to run" in x)
+    assert line.startswith("  The model wants to run (2527 characters): cp -r ~/.ssh /tmp/x;")
+    assert "[2501 spaces]" in line and line.endswith("ls -la") and len(line) < 200
+
+
+def test_always_stops_when_a_file_the_command_names_changes(path, load, monkeypatch, workspace):
+    mod = load(path)
+    (workspace / "test.sh").write_text("echo fine\n")
+    answers(monkeypatch, "a")
+    assert mod.run_tool("bash", {"command": "bash test.sh"}) == ("exit code 0\nfine\n", False)
+    assert answers(monkeypatch) == [] and not mod.run_tool("bash", {"command": "bash test.sh"})[1]
+    mod.run_tool("write_file", {"path": "test.sh", "content": "touch pwned\n"})
+    asked = answers(monkeypatch, "d")
+    text, is_error = mod.run_tool("bash", {"command": "bash test.sh"})
+    assert asked and is_error and not (workspace / "pwned").exists()
+
+
+def test_old_state_that_appears_after_the_state_folder_exists_is_never_taken(path, load,
+                                                                            monkeypatch, capsys,
+                                                                            workspace):
+    """An approved `tar xf` could unpack a .state/ folder into the workspace: it stays there."""
+    mod = load(path)
+    drive_repl(mod, [], monkeypatch, capsys)  # the state folder exists now
+    planted = workspace / ".state" / "exec-approvals.json"
+    planted.parent.mkdir()
+    planted.write_text(json.dumps({"version": 2, "always": [
+        {"command": "touch pwned", "scope": "terminal", "files": {}}]}))
+    code, out = drive_repl(load(path), [], monkeypatch, capsys)
+    assert planted.exists() and "is not used" in out
+    assert not (state_of(workspace) / "exec-approvals.json").exists()
+
+
+def test_a_tool_input_that_is_not_an_object_never_enters_the_history(path, load, fake_api,
+                                                                     monkeypatch, capsys):
+    fake_api.script(reply(tools=[tool_use("read_file", ["a.txt"], "toolu_1")]), reply("Sorry."),
+                    reply("Fine now."))
+    code, out = drive_repl(load(path), ["read it", "and now?"], monkeypatch, capsys)
+    sent = fake_api.requests[-1]["messages"]
+    calls = [b for m in sent if isinstance(m["content"], list) for b in m["content"]
+             if b.get("type") == "tool_use"]
+    assert calls and calls[0]["input"] == {} and "Fine now." in out
+    assert fake_api.rejected == []

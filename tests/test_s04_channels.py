@@ -1068,3 +1068,35 @@ def test_slow_webhook_clients_cannot_hold_every_thread(
     for s in slow:
         s.close()
     assert box["result"] == (503, 200)
+
+
+def test_a_pairing_file_with_requests_of_the_wrong_shape_loses_only_those(path, load, workspace,
+                                                                          monkeypatch, capsys):
+    state = state_of(workspace)
+    state.mkdir()
+    good = {"code": "K7M3QPX2", "channel": "telegram", "sender": "5", "peer": "5",
+            "created": time.time()}
+    (state / "pairing.json").write_text(json.dumps({"approved": {}, "requests": [
+        dict(good, created="yesterday"), {"code": 7}, good]}))
+    mod = load(path)
+    code, out = drive_repl(mod, ["/pair"], monkeypatch, capsys)
+    assert code == 0 and "K7M3QPX2  telegram user ? (5)" in out and "Traceback" not in out
+
+
+def test_approve_takes_always_or_nothing_after_the_id(path, load, monkeypatch, capsys):
+    mod = load(path)
+    code, out = drive_repl(mod, ["/approve 1 deny"], monkeypatch, capsys)
+    assert "Usage: /approve ID, or /approve ID always" in out
+
+
+def test_a_flood_of_refused_webhook_events_is_one_line(path, load, fake_api, fs, monkeypatch,
+                                                       capsys):
+    port = free_port()
+    mod = load(path, **feishu_env(fs, port))
+
+    def flood():
+        for _ in range(30):
+            assert post(port, message_event("hi", "ou_x", "wrong-token")).status_code == 403
+        return "quit"
+    code, out = drive_repl(mod, [flood], monkeypatch, capsys)
+    assert out.count("refused an event with a wrong verification token") == 1

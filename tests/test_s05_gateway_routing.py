@@ -1103,6 +1103,7 @@ def test_gateway_json_an_older_version_kept_in_the_workspace_moves_to_the_state_
 ):
     write_config(workspace, dm_scope="main")
     (state_of(workspace) / "gateway.json").replace(workspace / "gateway.json")
+    state_of(workspace).rmdir()  # as an older version left it: no state folder yet
     code, out = drive_repl(load(path), ["/bindings"], monkeypatch, capsys)
     assert (
         not (workspace / "gateway.json").exists()
@@ -1153,3 +1154,42 @@ def test_a_gateway_token_too_short_to_keep_anyone_out_is_refused(path, load, cap
     mod = load(path, GATEWAY_TOKEN="short")
     assert mod.main() == 2
     assert "GATEWAY_TOKEN is too short" in capsys.readouterr().err
+
+
+def test_new_answers_the_gateway_requests_it_drops_and_a_closed_client_leaves_no_task(
+        path, load, fake_api, monkeypatch, capsys):
+    mod = load(path)
+    gate = threading.Event()
+    fake_api.script(reply("first", gate=gate))
+
+    def body(gw):
+        client = gw.client()
+        for n, text in enumerate(["a", "b", "c", "/new"]):
+            client.ws.send(json.dumps({"jsonrpc": "2.0", "id": n, "method": "chat.send",
+                                       "params": {"text": text, "peer_id": "p"}}))
+        answers = {}
+        while len(answers) < 2:  # b and c, dropped by /new, are answered at once
+            message = client.receive()
+            if "id" in message:
+                answers[message["id"]] = message["result"]["text"]
+        gate.set()
+        while len(answers) < 4:
+            message = client.receive()
+            if "id" in message:
+                answers[message["id"]] = message["result"]["text"]
+        return answers
+    code, out, answers = with_gateway(mod, monkeypatch, capsys, body)
+    assert answers[1] == answers[2] == "(not answered: /new started a new conversation)"
+    assert answers[0] == "first" and answers[3] == "Started a new conversation."
+
+
+def test_hostile_state_files_are_sentences_not_tracebacks(path, load, workspace, capsys):
+    write_config(workspace)
+    (state_of(workspace) / "gateway.json").write_text("[" * 100_000)
+    assert load(path).main() == 2 and "gateway.json" in capsys.readouterr().err
+    write_config(workspace, agents=[{"id": "main", "name": "x", "model": None,
+                                     "tools": [["bash"]]}])
+    assert load(path).main() == 2 and "agents[0].tools" in capsys.readouterr().err
+    write_config(workspace)
+    (state_of(workspace) / "gateway-token").mkdir()
+    assert load(path).main() == 2 and "gateway-token" in capsys.readouterr().err

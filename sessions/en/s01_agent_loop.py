@@ -132,6 +132,11 @@ def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> s
         messages[:] = consistent
         print("\n(interrupted; that turn was dropped)")
         return None
+    except Exception as exc:  # the stream broke off: a dropped connection, unreadable tool JSON
+        messages[:] = consistent
+        print(f"\n(the reply broke off, {type(exc).__name__}: {printable(str(exc))[:200]}; "
+              "that turn was dropped)")
+        return None
     text = "".join(block.text for block in message.content if block.type == "text")
     if text:
         print()  # end the streamed line

@@ -15,8 +15,8 @@ New here:
   [s02] Tools: the handlers — read_file, write_file, edit_file, describe_entry, list_dir
   [s02] Exec approvals — ReadOnlyProgram, option_table, dangerous_reason, is_plain_command,
       parse_arguments, is_safe_argument, is_read_only, load_approvals, is_always_approved,
-      remember_always, ask_person, check_command, approve_at_terminal, child_environment,
-      OutputKeeper, bash
+      remember_always, file_hashes, shown_command, ask_person, check_command,
+      approve_at_terminal, child_environment, OutputKeeper, bash
   [s02] Tools: what the model sees, and the dispatch table — check_arguments, run_tool, preview,
       run_tool_calls
 Changed here:
@@ -31,6 +31,7 @@ Run:  python sessions/en/s02_tool_use.py
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -164,8 +165,9 @@ def assistant_content(message: anthropic.types.Message) -> list:
         if block.type == "text" and block.text:
             blocks.append({"type": "text", "text": block.text})
         elif block.type == "tool_use":
+            tool_input = block.input if isinstance(block.input, dict) else {}  # API needs an object
             blocks.append({"type": "tool_use", "id": block.id, "name": block.name,
-                           "input": block.input})
+                           "input": tool_input})
     return blocks
 
 
@@ -199,6 +201,11 @@ def agent_turn(client: anthropic.Anthropic, messages: list, user_text: str) -> s
         except KeyboardInterrupt:
             messages[:] = consistent
             print("\n(interrupted; that turn was dropped)")
+            return None
+        except Exception as exc:  # the stream broke off: a dropped connection, bad tool JSON
+            messages[:] = consistent
+            print(f"\n(the reply broke off, {type(exc).__name__}: {printable(str(exc))[:200]}; "
+                  "that turn was dropped)")
             return None
         text = "".join(block.text for block in message.content if block.type == "text")
         if text:
@@ -273,6 +280,7 @@ def prepare_folders() -> str | None:
     if STATE_DIR.is_relative_to(WORKSPACE_DIR) or WORKSPACE_DIR.is_relative_to(STATE_DIR):
         return (f"STATE_DIR ({STATE_DIR}) and WORKSPACE_DIR ({WORKSPACE_DIR}) overlap, so the "
                 "tools could reach the gateway's state: set them to two separate folders.")
+    fresh = not STATE_DIR.exists()  # old state is taken over once: into a new state folder
     try:
         WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -284,34 +292,27 @@ def prepare_folders() -> str | None:
         return (f"cannot use STATE_DIR {STATE_DIR} ({exc.strerror}): make it writable, "
                 "or set STATE_DIR to another folder.")
     for old, new in OLD_STATE_PLACES:
-        move_old_state(old, new)
+        if old.exists() and fresh:
+            move_old_state(old, new)
+        elif old.exists():  # appeared later: maybe planted by a command; never taken for state
+            print(dim(f"[state] {old} is not used: the gateway's state is in {STATE_DIR}. "
+                      "Delete it when you no longer need it."))
     return None
 
 
 def move_old_state(old: Path, new: Path) -> None:
-    """State that an earlier version kept in the workspace moves out, once, with a line.
-    What already exists in the new place wins; the old copy is then left where it is."""
-    if not old.exists():
-        return
+    """State an earlier version kept in the workspace moves out, with a line (only when the
+    state folder is new: later, a file there could have been put by a command the model ran)."""
     entries = list(old.iterdir()) if old.is_dir() else [old]
-    moved, kept = 0, 0
     for entry in entries:
         target = new / entry.name if old.is_dir() else new
-        if target.exists():
-            kept += 1
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(entry), str(target))
         for path in [target, *(target.rglob("*") if target.is_dir() else [])]:
             os.chmod(path, 0o700 if path.is_dir() else 0o600)  # state is owner-only
-        moved += 1
-    if old.is_dir() and not kept:
+    if old.is_dir():
         old.rmdir()
-    if moved:
-        print(dim(f"[state] moved {moved} item(s) from {old} to {new}"))
-    if kept:
-        print(dim(f"[state] {old} is left over from an older version and not used: "
-                  f"{new} already has what it holds. Delete it when you no longer need it."))
+    print(dim(f"[state] moved {len(entries)} item(s) from {old} to {new}"))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -678,12 +679,13 @@ def load_approvals() -> list[dict]:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
         entries = data.get("always") if data.get("version") == 2 else None
         if isinstance(entries, list) and all(
-                isinstance(e, dict) and set(e) == {"command", "scope"}
-                and all(isinstance(v, str) and v for v in e.values()) for e in entries):
+                isinstance(e, dict) and set(e) == {"command", "scope", "files"}
+                and isinstance(e["command"], str) and isinstance(e["scope"], str)
+                and isinstance(e["files"], dict) for e in entries):
             return entries
-        problem = 'is not {"version": 2, "always": [{"command": ..., "scope": ...}, ...]}'
-    except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, not an object
-        problem = f"is not valid JSON ({exc})"
+        problem = 'is not {"version": 2, "always": [{"command", "scope", "files"}, ...]}'
+    except (ValueError, AttributeError, RecursionError, OSError) as exc:  # not JSON, a folder...
+        problem = f"cannot be read ({type(exc).__name__})"
     aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{time.time_ns()}.json")
     APPROVALS_FILE.replace(aside)
     print(dim(f"[approvals] {APPROVALS_FILE} {problem}; moved it to {aside.name}. "
@@ -692,23 +694,53 @@ def load_approvals() -> list[dict]:
 
 
 def is_always_approved(command: str, scope: str) -> bool:
-    """Only the exact command, from the same scope: "always" for `cat notes.md` never
-    covers `cat notes.md ../.env`. To trust more, add more exact commands to the file."""
-    return {"command": command, "scope": scope} in load_approvals()
+    """Only the exact command, from the same scope, naming the same files as when it was
+    approved: "always" for `cat notes.md` never covers `cat notes.md ../.env`, and "always"
+    for `bash test.sh` stops when test.sh changes. To trust more, add exact commands."""
+    return {"command": command, "scope": scope, "files": file_hashes(command)} in load_approvals()
 
 
 def remember_always(command: str, scope: str) -> None:
-    entries = load_approvals()
-    if {"command": command, "scope": scope} not in entries:
-        entries.append({"command": command, "scope": scope})
-    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries}, indent=2) + "\n")
+    entry = {"command": command, "scope": scope, "files": file_hashes(command)}
+    entries = [e for e in load_approvals() if e["command"] != command or e["scope"] != scope]
+    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries + [entry]},
+                                            indent=2) + "\n")
+
+
+def file_hashes(command: str) -> dict[str, str]:
+    """A fingerprint of the workspace files a command names (a script it runs, say). The model
+    can rewrite them with write_file, so an approval holds only while they stay the same."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    hashes = {}
+    for word in words:
+        try:
+            path = safe_path(word)
+            if path.is_file():
+                hashes[word] = hashlib.sha256(path.read_bytes()[:EDIT_MAX_BYTES]).hexdigest()
+        except (ToolError, OSError):
+            continue
+    return hashes
+
+
+def shown_command(command: str) -> str:
+    """The command as the person must see it to judge it: escaped, long blank runs counted
+    (they could push the start of the command off the screen), a long one as head ... tail."""
+    text = re.sub(r" {4,}", lambda m: f"[{len(m.group())} spaces]", printable(command))
+    if len(text) > 300:
+        text = f"{text[:200]} [... {len(text) - 280} characters ...] {text[-80:]}"
+    return text
 
 
 def ask_person(command: str) -> str:
     """Ask at the terminal: "once", "always" or "deny". Ctrl-D is a deny; Ctrl-C is not caught
     here, so it drops the turn like Ctrl-C anywhere else; any other answer asks again."""
-    print(f"  The model wants to run: {printable(command)}")
-    print("  (always: this exact command runs without asking from now on; any other asks)")
+    print(f"  The model wants to run ({len(command)} characters): {shown_command(command)}")
+    print("  (always: this exact command runs without asking from now on, while the files it "
+          "names stay the same; a script it reads without naming it, such as a Makefile, can "
+          "still change)")
     while True:
         try:
             answer = input(APPROVAL_PROMPT).strip().lower()

@@ -9,7 +9,8 @@ paired senders get through, and commands they ask for wait for the
 operator's approval at the terminal.
 
 New here:
-  [s04] Output: who reads a turn — TerminalOutput, log, print_in_background, print_held_lines
+  [s04] Output: who reads a turn — TerminalOutput, log, print_in_background, Burst,
+      print_held_lines
   [s04] Channels: every platform becomes one InboundMessage — InboundMessage, ChannelError,
       split_message, open_fence, find_cut, Channel, TerminalChannel, allow_list
   [s04] Telegram: long polling with python-telegram-bot — TelegramChannel
@@ -46,6 +47,7 @@ Run:  python sessions/en/s04_channels.py
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import queue
@@ -192,8 +194,9 @@ def assistant_content(message: anthropic.types.Message) -> list:
         if block.type == "text" and block.text:
             blocks.append({"type": "text", "text": block.text})
         elif block.type == "tool_use":
+            tool_input = block.input if isinstance(block.input, dict) else {}  # API needs an object
             blocks.append({"type": "tool_use", "id": block.id, "name": block.name,
-                           "input": block.input})
+                           "input": tool_input})
     return blocks
 
 
@@ -239,6 +242,11 @@ def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
         except KeyboardInterrupt:
             messages[:] = consistent
             print("\n(interrupted; that turn was dropped)")
+            return None
+        except Exception as exc:  # the stream broke off: a dropped connection, bad tool JSON
+            messages[:] = consistent
+            out.say(f"\n(the reply broke off, {type(exc).__name__}: {printable(str(exc))[:200]}; "
+                    "that turn was dropped)")
             return None
         guard.observe(session, message.usage)  # the prompt's real size, for the next check
         text = "".join(block.text for block in message.content if block.type == "text")
@@ -337,6 +345,7 @@ def prepare_folders() -> str | None:
     if STATE_DIR.is_relative_to(WORKSPACE_DIR) or WORKSPACE_DIR.is_relative_to(STATE_DIR):
         return (f"STATE_DIR ({STATE_DIR}) and WORKSPACE_DIR ({WORKSPACE_DIR}) overlap, so the "
                 "tools could reach the gateway's state: set them to two separate folders.")
+    fresh = not STATE_DIR.exists()  # old state is taken over once: into a new state folder
     try:
         WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -348,34 +357,27 @@ def prepare_folders() -> str | None:
         return (f"cannot use STATE_DIR {STATE_DIR} ({exc.strerror}): make it writable, "
                 "or set STATE_DIR to another folder.")
     for old, new in OLD_STATE_PLACES:
-        move_old_state(old, new)
+        if old.exists() and fresh:
+            move_old_state(old, new)
+        elif old.exists():  # appeared later: maybe planted by a command; never taken for state
+            print(dim(f"[state] {old} is not used: the gateway's state is in {STATE_DIR}. "
+                      "Delete it when you no longer need it."))
     return None
 
 
 def move_old_state(old: Path, new: Path) -> None:
-    """State that an earlier version kept in the workspace moves out, once, with a line.
-    What already exists in the new place wins; the old copy is then left where it is."""
-    if not old.exists():
-        return
+    """State an earlier version kept in the workspace moves out, with a line (only when the
+    state folder is new: later, a file there could have been put by a command the model ran)."""
     entries = list(old.iterdir()) if old.is_dir() else [old]
-    moved, kept = 0, 0
     for entry in entries:
         target = new / entry.name if old.is_dir() else new
-        if target.exists():
-            kept += 1
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(entry), str(target))
         for path in [target, *(target.rglob("*") if target.is_dir() else [])]:
             os.chmod(path, 0o700 if path.is_dir() else 0o600)  # state is owner-only
-        moved += 1
-    if old.is_dir() and not kept:
+    if old.is_dir():
         old.rmdir()
-    if moved:
-        print(dim(f"[state] moved {moved} item(s) from {old} to {new}"))
-    if kept:
-        print(dim(f"[state] {old} is left over from an older version and not used: "
-                  f"{new} already has what it holds. Delete it when you no longer need it."))
+    print(dim(f"[state] moved {len(entries)} item(s) from {old} to {new}"))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -742,12 +744,13 @@ def load_approvals() -> list[dict]:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
         entries = data.get("always") if data.get("version") == 2 else None
         if isinstance(entries, list) and all(
-                isinstance(e, dict) and set(e) == {"command", "scope"}
-                and all(isinstance(v, str) and v for v in e.values()) for e in entries):
+                isinstance(e, dict) and set(e) == {"command", "scope", "files"}
+                and isinstance(e["command"], str) and isinstance(e["scope"], str)
+                and isinstance(e["files"], dict) for e in entries):
             return entries
-        problem = 'is not {"version": 2, "always": [{"command": ..., "scope": ...}, ...]}'
-    except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, not an object
-        problem = f"is not valid JSON ({exc})"
+        problem = 'is not {"version": 2, "always": [{"command", "scope", "files"}, ...]}'
+    except (ValueError, AttributeError, RecursionError, OSError) as exc:  # not JSON, a folder...
+        problem = f"cannot be read ({type(exc).__name__})"
     aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{time.time_ns()}.json")
     APPROVALS_FILE.replace(aside)
     print(dim(f"[approvals] {APPROVALS_FILE} {problem}; moved it to {aside.name}. "
@@ -756,23 +759,53 @@ def load_approvals() -> list[dict]:
 
 
 def is_always_approved(command: str, scope: str) -> bool:
-    """Only the exact command, from the same scope: "always" for `cat notes.md` never
-    covers `cat notes.md ../.env`. To trust more, add more exact commands to the file."""
-    return {"command": command, "scope": scope} in load_approvals()
+    """Only the exact command, from the same scope, naming the same files as when it was
+    approved: "always" for `cat notes.md` never covers `cat notes.md ../.env`, and "always"
+    for `bash test.sh` stops when test.sh changes. To trust more, add exact commands."""
+    return {"command": command, "scope": scope, "files": file_hashes(command)} in load_approvals()
 
 
 def remember_always(command: str, scope: str) -> None:
-    entries = load_approvals()
-    if {"command": command, "scope": scope} not in entries:
-        entries.append({"command": command, "scope": scope})
-    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries}, indent=2) + "\n")
+    entry = {"command": command, "scope": scope, "files": file_hashes(command)}
+    entries = [e for e in load_approvals() if e["command"] != command or e["scope"] != scope]
+    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries + [entry]},
+                                            indent=2) + "\n")
+
+
+def file_hashes(command: str) -> dict[str, str]:
+    """A fingerprint of the workspace files a command names (a script it runs, say). The model
+    can rewrite them with write_file, so an approval holds only while they stay the same."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    hashes = {}
+    for word in words:
+        try:
+            path = safe_path(word)
+            if path.is_file():
+                hashes[word] = hashlib.sha256(path.read_bytes()[:EDIT_MAX_BYTES]).hexdigest()
+        except (ToolError, OSError):
+            continue
+    return hashes
+
+
+def shown_command(command: str) -> str:
+    """The command as the person must see it to judge it: escaped, long blank runs counted
+    (they could push the start of the command off the screen), a long one as head ... tail."""
+    text = re.sub(r" {4,}", lambda m: f"[{len(m.group())} spaces]", printable(command))
+    if len(text) > 300:
+        text = f"{text[:200]} [... {len(text) - 280} characters ...] {text[-80:]}"
+    return text
 
 
 def ask_person(command: str) -> str:
     """Ask at the terminal: "once", "always" or "deny". Ctrl-D is a deny; Ctrl-C is not caught
     here, so it drops the turn like Ctrl-C anywhere else; any other answer asks again."""
-    print(f"  The model wants to run: {printable(command)}")
-    print("  (always: this exact command runs without asking from now on; any other asks)")
+    print(f"  The model wants to run ({len(command)} characters): {shown_command(command)}")
+    print("  (always: this exact command runs without asking from now on, while the files it "
+          "names stay the same; a script it reads without naming it, such as a Makefile, can "
+          "still change)")
     while True:
         try:
             answer = input(APPROVAL_PROMPT).strip().lower()
@@ -1129,14 +1162,15 @@ class SessionStore:
             check_index(index)
         except FileNotFoundError:
             index = {"current": None, "sessions": {}}
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             aside = self.index_path.with_name(f"sessions.corrupt-{int(time.time())}.json")
             self.index_path.replace(aside)
             log(f"[sessions] {self.index_path} is not valid ({exc}); "
                 f"moved it to {aside.name} and rebuilt it from the session files")
             index = {"current": None, "sessions": {}}
         for path in sorted(self.root.glob("*.jsonl")):  # files the index does not know yet
-            index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso()})
+            if SESSION_ID.fullmatch(path.stem):
+                index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso()})
         if "keys" not in index:  # an index written by s03, which had no remote chats
             index["keys"] = {}
         return index
@@ -1209,7 +1243,7 @@ class SessionStore:
                 try:
                     record = json.loads(line)
                     kind = record["type"]
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):
                     log(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line")
                     continue
                 message = clean_message(record.get("message")) if kind == "message" else None
@@ -1285,16 +1319,23 @@ class SessionStore:
 
 
 def check_index(index) -> None:
-    """Raise ValueError when sessions.json does not have the shape this section reads."""
+    """Raise ValueError when sessions.json does not have the shape this section reads. Every
+    id must look like one: an id becomes a file name ("../../x" must never)."""
     if not isinstance(index, dict) or not isinstance(index.get("sessions"), dict):
         raise ValueError("no 'sessions' object")
-    if not isinstance(index.get("current"), (str, type(None))):
+    current = index.get("current")
+    if current is not None and not (isinstance(current, str) and SESSION_ID.fullmatch(current)):
         raise ValueError("'current' must be a session id or null")
-    if not all(isinstance(e, dict) for e in index["sessions"].values()):
-        raise ValueError("every session entry must be an object")
+    if not all(SESSION_ID.fullmatch(sid) and isinstance(e, dict)
+               for sid, e in index["sessions"].items()):
+        raise ValueError("every session must have an id like 20261121-093000-7f3a and an object")
     keys = index.get("keys", {})
-    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+    if not isinstance(keys, dict) or not all(isinstance(v, str) and SESSION_ID.fullmatch(v)
+                                             for v in keys.values()):
         raise ValueError("'keys' must map chats to session ids")
+
+
+SESSION_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{4}")  # what new_file() makes
 
 
 def now_iso() -> str:
@@ -1556,6 +1597,26 @@ def print_in_background(line: str) -> None:
         else:  # not a terminal: end the prompt's line, print, and show the prompt again
             sys.stdout.write(f"\n{line}\n{PROMPT}")
             sys.stdout.flush()
+
+
+class Burst:
+    """One terminal line per burst: after a line, more of the same kind within `quiet` seconds
+    are only counted, and the next line says how many. A flood (of strangers, of refused
+    requests) cannot push what matters off the operator's screen."""
+
+    def __init__(self, quiet: float = 30.0):
+        self.quiet, self.until, self.count = quiet, 0.0, 0
+        self.lock = threading.Lock()
+
+    def line(self, text: str) -> str | None:
+        """The line to print now (with a count of what was held back), or None."""
+        with self.lock:
+            if time.monotonic() < self.until:
+                self.count += 1
+                return None
+            self.until = time.monotonic() + self.quiet
+            held, self.count = self.count, 0
+        return f"{text} (and {held} more like it before)" if held else text
 
 
 def print_held_lines() -> None:
@@ -1918,6 +1979,7 @@ class FeishuChannel(Channel):
         self.token, self.token_expires = "", 0.0
         self.token_lock = threading.Lock()
         self.seen_events = deque(maxlen=1000)  # Feishu delivers an event again if it missed our 200
+        self.refusals = Burst()  # anyone can post here: refused events are one line per burst
 
     def start(self, on_message) -> None:
         self.on_message = on_message
@@ -1951,7 +2013,10 @@ class FeishuChannel(Channel):
             verifying = body.get("type") == "url_verification"
             token = body.get("token") if verifying else body["header"].get("token")
             if not secrets.compare_digest(str(token or ""), self.verification_token):
-                log("[feishu] refused an event with a wrong verification token")
+                line = self.refusals.line("[feishu] refused an event with a wrong "
+                                          "verification token")
+                if line:
+                    log(line)
                 return 403, {"error": "wrong verification token"}
             if verifying:
                 return 200, {"challenge": body.get("challenge")}  # Feishu checks the URL once
@@ -2033,7 +2098,6 @@ PAIRING_FILE = STATE_DIR / "pairing.json"
 PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0, O, 1 or I to misread
 PAIRING_TTL = 3600         # seconds a pairing code stays valid
 MAX_PENDING_PAIRINGS = 20  # per channel; a new stranger past this pushes out the oldest request
-PAIRING_LOG_QUIET = 60     # seconds after a pairing line in which more requests are only counted
 PAIRING_REPLY = ("Hello! I only talk with people my operator has approved. Your pairing code is "
                  "{code}. Ask the operator to run /pair approve {code} (it expires in an hour).")
 
@@ -2049,7 +2113,6 @@ class Pairing:
         self.allow_from = allow_from
         self.lock = threading.Lock()
         self.data = self.load()
-        self.quiet_until, self.unlogged = 0.0, 0  # one terminal line per burst of strangers
 
     def load(self) -> dict:
         empty = {"version": 1, "approved": {}, "requests": []}
@@ -2060,10 +2123,12 @@ class Pairing:
             if not isinstance(data["approved"], dict) or not isinstance(data["requests"], list) \
                     or not all(isinstance(ids, list) for ids in data["approved"].values()):
                 raise ValueError("'approved' must map channels to lists and 'requests' be a list")
-            data["requests"] = [r for r in data["requests"] if isinstance(r, dict) and
-                                {"code", "channel", "sender", "created"} <= r.keys()]
+            data["requests"] = [r for r in data["requests"] if isinstance(r, dict)
+                                and all(isinstance(r.get(k), str) for k in ("code", "channel",
+                                                                            "sender", "peer"))
+                                and isinstance(r.get("created"), (int, float))]
             return data
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, OSError) as exc:
             aside = PAIRING_FILE.with_name(f"pairing.corrupt-{int(time.time())}.json")
             PAIRING_FILE.replace(aside)
             log(f"[pairing] {PAIRING_FILE} is not valid ({exc}); moved it to {aside.name}. "
@@ -2103,17 +2168,6 @@ class Pairing:
                              "created": time.time()})
             self.save()
             return code
-
-    def should_log(self) -> int | None:
-        """None while a burst of requests is being counted quietly; otherwise how many
-        requests went unlogged since the last line."""
-        with self.lock:
-            if time.monotonic() < self.quiet_until:
-                self.unlogged += 1
-                return None
-            self.quiet_until = time.monotonic() + PAIRING_LOG_QUIET
-            unlogged, self.unlogged = self.unlogged, 0
-            return unlogged
 
     def decide(self, code: str, approve: bool) -> dict | None:
         """Approve or deny a pending request by its code; returns the request, or None."""
@@ -2245,6 +2299,7 @@ class MessageBus:
         self.ready = queue.Queue()           # session keys that have a message and no worker yet
         self.busy_senders: dict[str, list] = {}  # sender -> session keys parked until it is free
         self.told_busy: set[str] = set()     # chats told "busy" since their line last emptied
+        self.strangers = Burst()             # one terminal line per burst of strangers
         self.lock = threading.Lock()
         for number in range(AGENT_WORKERS):
             threading.Thread(target=self.work, name=f"agent-worker-{number}", daemon=True).start()
@@ -2331,18 +2386,15 @@ class MessageBus:
         code = None if message.is_group else self.pairing.request(message)
         if code:
             channel.send(message, PAIRING_REPLY.format(code=code))
-        unlogged = self.pairing.should_log()
-        if unlogged is None:
-            return  # counted, shown with the next line
-        more = f" ({unlogged} more messages from strangers before; /pair lists who waits)" \
-            if unlogged else ""
         if code:
-            print_in_background(f"[pairing] {who} asks to talk: /pair approve {code} "
-                                f"or /pair deny {code}{more}")
+            line = self.strangers.line(f"[pairing] {who} asks to talk: /pair approve {code} "
+                                       f"or /pair deny {code}")
         else:
             where = "in a group (pairing works in a direct chat)" if message.is_group else \
                 "again (a request of theirs is pending or was denied)"
-            log(f"[pairing] ignored {who} {where}{more}")
+            line = self.strangers.line(f"[pairing] ignored {who} {where}")
+        if line:  # None: counted, and shown with the next line (/pair lists who waits)
+            print_in_background(line if code else dim(line))
 
     def send_quietly(self, message: InboundMessage, text: str) -> None:
         try:
@@ -2398,8 +2450,10 @@ def show_approvals(repl: Repl, arg: str) -> None:
 
 def approve_request(repl: Repl, arg: str) -> None:
     request_id, _, always = arg.partition(" ")
-    answer = "always" if always.strip() == "always" else "once"
-    answer_request(repl, request_id, answer)
+    if always.strip() not in ("", "always"):
+        print("Usage: /approve ID, or /approve ID always")
+        return
+    answer_request(repl, request_id, "always" if always.strip() else "once")
 
 
 def deny_request(repl: Repl, arg: str) -> None:

@@ -42,10 +42,12 @@ Run:  python sessions/en/s05_gateway_routing.py
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import queue
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -192,8 +194,9 @@ def assistant_content(message: anthropic.types.Message) -> list:
         if block.type == "text" and block.text:
             blocks.append({"type": "text", "text": block.text})
         elif block.type == "tool_use":
+            tool_input = block.input if isinstance(block.input, dict) else {}  # API needs an object
             blocks.append({"type": "tool_use", "id": block.id, "name": block.name,
-                           "input": block.input})
+                           "input": tool_input})
     return blocks
 
 
@@ -240,6 +243,11 @@ def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
         except KeyboardInterrupt:
             messages[:] = consistent
             print("\n(interrupted; that turn was dropped)")
+            return None
+        except Exception as exc:  # the stream broke off: a dropped connection, bad tool JSON
+            messages[:] = consistent
+            out.say(f"\n(the reply broke off, {type(exc).__name__}: {printable(str(exc))[:200]}; "
+                    "that turn was dropped)")
             return None
         guard.observe(session, message.usage)  # the prompt's real size, for the next check
         text = "".join(block.text for block in message.content if block.type == "text")
@@ -339,6 +347,7 @@ def prepare_folders() -> str | None:
     if STATE_DIR.is_relative_to(WORKSPACE_DIR) or WORKSPACE_DIR.is_relative_to(STATE_DIR):
         return (f"STATE_DIR ({STATE_DIR}) and WORKSPACE_DIR ({WORKSPACE_DIR}) overlap, so the "
                 "tools could reach the gateway's state: set them to two separate folders.")
+    fresh = not STATE_DIR.exists()  # old state is taken over once: into a new state folder
     try:
         WORKSPACE_DIR.mkdir(parents=True, exist_ok=True)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -350,34 +359,27 @@ def prepare_folders() -> str | None:
         return (f"cannot use STATE_DIR {STATE_DIR} ({exc.strerror}): make it writable, "
                 "or set STATE_DIR to another folder.")
     for old, new in OLD_STATE_PLACES:
-        move_old_state(old, new)
+        if old.exists() and fresh:
+            move_old_state(old, new)
+        elif old.exists():  # appeared later: maybe planted by a command; never taken for state
+            print(dim(f"[state] {old} is not used: the gateway's state is in {STATE_DIR}. "
+                      "Delete it when you no longer need it."))
     return None
 
 
 def move_old_state(old: Path, new: Path) -> None:
-    """State that an earlier version kept in the workspace moves out, once, with a line.
-    What already exists in the new place wins; the old copy is then left where it is."""
-    if not old.exists():
-        return
+    """State an earlier version kept in the workspace moves out, with a line (only when the
+    state folder is new: later, a file there could have been put by a command the model ran)."""
     entries = list(old.iterdir()) if old.is_dir() else [old]
-    moved, kept = 0, 0
     for entry in entries:
         target = new / entry.name if old.is_dir() else new
-        if target.exists():
-            kept += 1
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(entry), str(target))
         for path in [target, *(target.rglob("*") if target.is_dir() else [])]:
             os.chmod(path, 0o700 if path.is_dir() else 0o600)  # state is owner-only
-        moved += 1
-    if old.is_dir() and not kept:
+    if old.is_dir():
         old.rmdir()
-    if moved:
-        print(dim(f"[state] moved {moved} item(s) from {old} to {new}"))
-    if kept:
-        print(dim(f"[state] {old} is left over from an older version and not used: "
-                  f"{new} already has what it holds. Delete it when you no longer need it."))
+    print(dim(f"[state] moved {len(entries)} item(s) from {old} to {new}"))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -744,12 +746,13 @@ def load_approvals() -> list[dict]:
         data = json.loads(APPROVALS_FILE.read_text(encoding="utf-8"))
         entries = data.get("always") if data.get("version") == 2 else None
         if isinstance(entries, list) and all(
-                isinstance(e, dict) and set(e) == {"command", "scope"}
-                and all(isinstance(v, str) and v for v in e.values()) for e in entries):
+                isinstance(e, dict) and set(e) == {"command", "scope", "files"}
+                and isinstance(e["command"], str) and isinstance(e["scope"], str)
+                and isinstance(e["files"], dict) for e in entries):
             return entries
-        problem = 'is not {"version": 2, "always": [{"command": ..., "scope": ...}, ...]}'
-    except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, not an object
-        problem = f"is not valid JSON ({exc})"
+        problem = 'is not {"version": 2, "always": [{"command", "scope", "files"}, ...]}'
+    except (ValueError, AttributeError, RecursionError, OSError) as exc:  # not JSON, a folder...
+        problem = f"cannot be read ({type(exc).__name__})"
     aside = APPROVALS_FILE.with_name(f"exec-approvals.corrupt-{time.time_ns()}.json")
     APPROVALS_FILE.replace(aside)
     print(dim(f"[approvals] {APPROVALS_FILE} {problem}; moved it to {aside.name}. "
@@ -758,23 +761,53 @@ def load_approvals() -> list[dict]:
 
 
 def is_always_approved(command: str, scope: str) -> bool:
-    """Only the exact command, from the same scope: "always" for `cat notes.md` never
-    covers `cat notes.md ../.env`. To trust more, add more exact commands to the file."""
-    return {"command": command, "scope": scope} in load_approvals()
+    """Only the exact command, from the same scope, naming the same files as when it was
+    approved: "always" for `cat notes.md` never covers `cat notes.md ../.env`, and "always"
+    for `bash test.sh` stops when test.sh changes. To trust more, add exact commands."""
+    return {"command": command, "scope": scope, "files": file_hashes(command)} in load_approvals()
 
 
 def remember_always(command: str, scope: str) -> None:
-    entries = load_approvals()
-    if {"command": command, "scope": scope} not in entries:
-        entries.append({"command": command, "scope": scope})
-    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries}, indent=2) + "\n")
+    entry = {"command": command, "scope": scope, "files": file_hashes(command)}
+    entries = [e for e in load_approvals() if e["command"] != command or e["scope"] != scope]
+    write_atomic(APPROVALS_FILE, json.dumps({"version": 2, "always": entries + [entry]},
+                                            indent=2) + "\n")
+
+
+def file_hashes(command: str) -> dict[str, str]:
+    """A fingerprint of the workspace files a command names (a script it runs, say). The model
+    can rewrite them with write_file, so an approval holds only while they stay the same."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    hashes = {}
+    for word in words:
+        try:
+            path = safe_path(word)
+            if path.is_file():
+                hashes[word] = hashlib.sha256(path.read_bytes()[:EDIT_MAX_BYTES]).hexdigest()
+        except (ToolError, OSError):
+            continue
+    return hashes
+
+
+def shown_command(command: str) -> str:
+    """The command as the person must see it to judge it: escaped, long blank runs counted
+    (they could push the start of the command off the screen), a long one as head ... tail."""
+    text = re.sub(r" {4,}", lambda m: f"[{len(m.group())} spaces]", printable(command))
+    if len(text) > 300:
+        text = f"{text[:200]} [... {len(text) - 280} characters ...] {text[-80:]}"
+    return text
 
 
 def ask_person(command: str) -> str:
     """Ask at the terminal: "once", "always" or "deny". Ctrl-D is a deny; Ctrl-C is not caught
     here, so it drops the turn like Ctrl-C anywhere else; any other answer asks again."""
-    print(f"  The model wants to run: {printable(command)}")
-    print("  (always: this exact command runs without asking from now on; any other asks)")
+    print(f"  The model wants to run ({len(command)} characters): {shown_command(command)}")
+    print("  (always: this exact command runs without asking from now on, while the files it "
+          "names stay the same; a script it reads without naming it, such as a Makefile, can "
+          "still change)")
     while True:
         try:
             answer = input(APPROVAL_PROMPT).strip().lower()
@@ -1135,14 +1168,15 @@ class SessionStore:
             check_index(index)
         except FileNotFoundError:
             index = {"current": None, "sessions": {}}
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             aside = self.index_path.with_name(f"sessions.corrupt-{int(time.time())}.json")
             self.index_path.replace(aside)
             log(f"[sessions] {self.index_path} is not valid ({exc}); "
                 f"moved it to {aside.name} and rebuilt it from the session files")
             index = {"current": None, "sessions": {}}
         for path in sorted(self.root.glob("*.jsonl")):  # files the index does not know yet
-            index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso()})
+            if SESSION_ID.fullmatch(path.stem):
+                index["sessions"].setdefault(path.stem, {"label": None, "created": now_iso()})
         if "keys" not in index:  # an index written by s03, which had no remote chats
             index["keys"] = {}
         return index
@@ -1215,7 +1249,7 @@ class SessionStore:
                 try:
                     record = json.loads(line)
                     kind = record["type"]
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):
                     log(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line")
                     continue
                 message = clean_message(record.get("message")) if kind == "message" else None
@@ -1291,16 +1325,23 @@ class SessionStore:
 
 
 def check_index(index) -> None:
-    """Raise ValueError when sessions.json does not have the shape this section reads."""
+    """Raise ValueError when sessions.json does not have the shape this section reads. Every
+    id must look like one: an id becomes a file name ("../../x" must never)."""
     if not isinstance(index, dict) or not isinstance(index.get("sessions"), dict):
         raise ValueError("no 'sessions' object")
-    if not isinstance(index.get("current"), (str, type(None))):
+    current = index.get("current")
+    if current is not None and not (isinstance(current, str) and SESSION_ID.fullmatch(current)):
         raise ValueError("'current' must be a session id or null")
-    if not all(isinstance(e, dict) for e in index["sessions"].values()):
-        raise ValueError("every session entry must be an object")
+    if not all(SESSION_ID.fullmatch(sid) and isinstance(e, dict)
+               for sid, e in index["sessions"].items()):
+        raise ValueError("every session must have an id like 20261121-093000-7f3a and an object")
     keys = index.get("keys", {})
-    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+    if not isinstance(keys, dict) or not all(isinstance(v, str) and SESSION_ID.fullmatch(v)
+                                             for v in keys.values()):
         raise ValueError("'keys' must map chats to session ids")
+
+
+SESSION_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{4}")  # what new_file() makes
 
 
 def now_iso() -> str:
@@ -1562,6 +1603,26 @@ def print_in_background(line: str) -> None:
         else:  # not a terminal: end the prompt's line, print, and show the prompt again
             sys.stdout.write(f"\n{line}\n{PROMPT}")
             sys.stdout.flush()
+
+
+class Burst:
+    """One terminal line per burst: after a line, more of the same kind within `quiet` seconds
+    are only counted, and the next line says how many. A flood (of strangers, of refused
+    requests) cannot push what matters off the operator's screen."""
+
+    def __init__(self, quiet: float = 30.0):
+        self.quiet, self.until, self.count = quiet, 0.0, 0
+        self.lock = threading.Lock()
+
+    def line(self, text: str) -> str | None:
+        """The line to print now (with a count of what was held back), or None."""
+        with self.lock:
+            if time.monotonic() < self.until:
+                self.count += 1
+                return None
+            self.until = time.monotonic() + self.quiet
+            held, self.count = self.count, 0
+        return f"{text} (and {held} more like it before)" if held else text
 
 
 def print_held_lines() -> None:
@@ -1937,6 +1998,7 @@ class FeishuChannel(Channel):
         self.token, self.token_expires = "", 0.0
         self.token_lock = threading.Lock()
         self.seen_events = deque(maxlen=1000)  # Feishu delivers an event again if it missed our 200
+        self.refusals = Burst()  # anyone can post here: refused events are one line per burst
 
     def start(self, on_message) -> None:
         self.on_message = on_message
@@ -1970,7 +2032,10 @@ class FeishuChannel(Channel):
             verifying = body.get("type") == "url_verification"
             token = body.get("token") if verifying else body["header"].get("token")
             if not secrets.compare_digest(str(token or ""), self.verification_token):
-                log("[feishu] refused an event with a wrong verification token")
+                line = self.refusals.line("[feishu] refused an event with a wrong "
+                                          "verification token")
+                if line:
+                    log(line)
                 return 403, {"error": "wrong verification token"}
             if verifying:
                 return 200, {"challenge": body.get("challenge")}  # Feishu checks the URL once
@@ -2052,7 +2117,6 @@ PAIRING_FILE = STATE_DIR / "pairing.json"
 PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0, O, 1 or I to misread
 PAIRING_TTL = 3600         # seconds a pairing code stays valid
 MAX_PENDING_PAIRINGS = 20  # per channel; a new stranger past this pushes out the oldest request
-PAIRING_LOG_QUIET = 60     # seconds after a pairing line in which more requests are only counted
 PAIRING_REPLY = ("Hello! I only talk with people my operator has approved. Your pairing code is "
                  "{code}. Ask the operator to run /pair approve {code} (it expires in an hour).")
 
@@ -2068,7 +2132,6 @@ class Pairing:
         self.allow_from = allow_from
         self.lock = threading.Lock()
         self.data = self.load()
-        self.quiet_until, self.unlogged = 0.0, 0  # one terminal line per burst of strangers
 
     def load(self) -> dict:
         empty = {"version": 1, "approved": {}, "requests": []}
@@ -2079,10 +2142,12 @@ class Pairing:
             if not isinstance(data["approved"], dict) or not isinstance(data["requests"], list) \
                     or not all(isinstance(ids, list) for ids in data["approved"].values()):
                 raise ValueError("'approved' must map channels to lists and 'requests' be a list")
-            data["requests"] = [r for r in data["requests"] if isinstance(r, dict) and
-                                {"code", "channel", "sender", "created"} <= r.keys()]
+            data["requests"] = [r for r in data["requests"] if isinstance(r, dict)
+                                and all(isinstance(r.get(k), str) for k in ("code", "channel",
+                                                                            "sender", "peer"))
+                                and isinstance(r.get("created"), (int, float))]
             return data
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, OSError) as exc:
             aside = PAIRING_FILE.with_name(f"pairing.corrupt-{int(time.time())}.json")
             PAIRING_FILE.replace(aside)
             log(f"[pairing] {PAIRING_FILE} is not valid ({exc}); moved it to {aside.name}. "
@@ -2122,17 +2187,6 @@ class Pairing:
                              "created": time.time()})
             self.save()
             return code
-
-    def should_log(self) -> int | None:
-        """None while a burst of requests is being counted quietly; otherwise how many
-        requests went unlogged since the last line."""
-        with self.lock:
-            if time.monotonic() < self.quiet_until:
-                self.unlogged += 1
-                return None
-            self.quiet_until = time.monotonic() + PAIRING_LOG_QUIET
-            unlogged, self.unlogged = self.unlogged, 0
-            return unlogged
 
     def decide(self, code: str, approve: bool) -> dict | None:
         """Approve or deny a pending request by its code; returns the request, or None."""
@@ -2267,6 +2321,7 @@ class MessageBus:
         self.ready = queue.Queue()           # session keys that have a message and no worker yet
         self.busy_senders: dict[str, list] = {}  # sender -> session keys parked until it is free
         self.told_busy: set[str] = set()     # chats told "busy" since their line last emptied
+        self.strangers = Burst()             # one terminal line per burst of strangers
         self.lock = threading.Lock()
         for number in range(AGENT_WORKERS):
             threading.Thread(target=self.work, name=f"agent-worker-{number}", daemon=True).start()
@@ -2290,6 +2345,10 @@ class MessageBus:
         with self.lock:
             line = self.waiting.get(key)
             if line is not None and message.text.strip() == "/new":
+                for dropped in line:  # a gateway client waits for an answer to every request
+                    if dropped.channel == "webchat":
+                        self.channels["webchat"].deliver_reply(
+                            dropped, "(not answered: /new started a new conversation)")
                 line.clear()  # a fresh start: what was waiting is not answered in the new session
             if line is not None and len(line) >= MAX_WAITING_TURNS:
                 # Once per full line for a chat; a gateway client waits for every answer.
@@ -2373,18 +2432,15 @@ class MessageBus:
         code = None if message.is_group else self.pairing.request(message)
         if code:
             channel.send(message, PAIRING_REPLY.format(code=code))
-        unlogged = self.pairing.should_log()
-        if unlogged is None:
-            return  # counted, shown with the next line
-        more = f" ({unlogged} more messages from strangers before; /pair lists who waits)" \
-            if unlogged else ""
         if code:
-            print_in_background(f"[pairing] {who} asks to talk: /pair approve {code} "
-                                f"or /pair deny {code}{more}")
+            line = self.strangers.line(f"[pairing] {who} asks to talk: /pair approve {code} "
+                                       f"or /pair deny {code}")
         else:
             where = "in a group (pairing works in a direct chat)" if message.is_group else \
                 "again (a request of theirs is pending or was denied)"
-            log(f"[pairing] ignored {who} {where}{more}")
+            line = self.strangers.line(f"[pairing] ignored {who} {where}")
+        if line:  # None: counted, and shown with the next line (/pair lists who waits)
+            print_in_background(line if code else dim(line))
 
     def send_quietly(self, message: InboundMessage, text: str) -> None:
         key = message.route.session_key if message.route else message.session_key
@@ -2441,8 +2497,10 @@ def show_approvals(repl: Repl, arg: str) -> None:
 
 def approve_request(repl: Repl, arg: str) -> None:
     request_id, _, always = arg.partition(" ")
-    answer = "always" if always.strip() == "always" else "once"
-    answer_request(repl, request_id, answer)
+    if always.strip() not in ("", "always"):
+        print("Usage: /approve ID, or /approve ID always")
+        return
+    answer_request(repl, request_id, "always" if always.strip() else "once")
 
 
 def deny_request(repl: Repl, arg: str) -> None:
@@ -2513,8 +2571,8 @@ def check_gateway_config(config) -> None:
                 not isinstance(agent.get("model"), (str, type(None))):
             fail(f"agents[{i}]", "needs a name (text) and a model (text, or null for MODEL_ID)")
         tools = agent.get("tools")
-        if tools != "*" and (not isinstance(tools, list) or any(t not in TOOL_HANDLERS
-                                                                for t in tools)):
+        if tools != "*" and (not isinstance(tools, list) or any(
+                not isinstance(t, str) or t not in TOOL_HANDLERS for t in tools)):
             fail(f"agents[{i}].tools", f'must be "*" (every tool) or a list drawn from '
                                        f"{', '.join(TOOL_HANDLERS)}")
     ids = [agent["id"] for agent in agents]
@@ -2582,7 +2640,7 @@ class Router:
             return config
         try:
             config = json.loads(self.path.read_text(encoding="utf-8"))
-        except ValueError as exc:
+        except (ValueError, RecursionError, OSError) as exc:  # not JSON, too deep, a folder
             line = getattr(exc, "lineno", "?")
             raise ConfigError(f"{self.path}: line {line}: not valid JSON "
                               f"({getattr(exc, 'msg', exc)}). "
@@ -2697,7 +2755,11 @@ def load_gateway_token() -> str:
             raise ConfigError("GATEWAY_TOKEN is too short to keep anyone out: use at least 16 "
                               "characters, or leave it empty to have one generated.")
         return GATEWAY_TOKEN
-    token = TOKEN_FILE.read_text(encoding="utf-8").strip() if TOKEN_FILE.exists() else ""
+    try:
+        token = TOKEN_FILE.read_text(encoding="utf-8").strip() if TOKEN_FILE.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {TOKEN_FILE} ({type(exc).__name__}): delete it, and a "
+                          "new token is generated at the next start.")
     if len(token) < 16:
         token = secrets.token_urlsafe(32)
         write_atomic(TOKEN_FILE, token + "\n")
@@ -2759,6 +2821,7 @@ class GatewayChannel(Channel):
         self.loop = self.thread = self.server = None
         self.connections: set = set()   # connections that passed `connect`
         self.strangers = 0              # connections still waiting to send it
+        self.refusals = Burst()         # anyone may knock: refusals are one line per burst
         self.replies: dict[str, asyncio.Queue] = {}  # chat.send in progress -> its pieces
         self.started = time.time()
         self.methods = {"chat.send": self.chat_send, "chat.history": self.chat_history,
@@ -2781,6 +2844,13 @@ class GatewayChannel(Channel):
     def start(self, on_message) -> None:
         self.on_message = on_message
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self.loop_error)
+        # Half-open connections each hold a file descriptor until open_timeout: use every
+        # descriptor the system allows, so the caps below are reached first.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         try:
             self.server = self.loop.run_until_complete(self.listen())
         except OSError as exc:
@@ -2791,17 +2861,27 @@ class GatewayChannel(Channel):
         self.thread.start()
         self.state, self.detail = "on", f"ws://{self.host}:{self.port}, chat page {self.url}"
 
+    def loop_error(self, loop, context: dict) -> None:
+        """Errors the loop cannot give to anyone (an accept() that failed): one line per burst."""
+        line = self.refusals.line(f"[gateway] {printable(str(context.get('message')))}: "
+                                  f"{printable(repr(context.get('exception')))}")
+        if line:
+            log(line)
+
     async def listen(self):
         return await serve(self.serve_connection, self.host, self.port, max_size=MAX_FRAME_BYTES,
                            process_request=self.http_request, server_header=None,
-                           close_timeout=1)
+                           open_timeout=CONNECT_DEADLINE, close_timeout=1)
 
     def http_request(self, connection, request):
         """Plain HTTP on the same port: GET / is the chat page; a WebSocket upgrade goes on."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             origin = request.headers.get("Origin")
             if not self.origin_allowed(origin):
-                log(f"[gateway] refused a connection from origin {printable(str(origin))}")
+                line = self.refusals.line(f"[gateway] refused a connection from origin "
+                                          f"{printable(str(origin))}")
+                if line:
+                    log(line)
                 return connection.respond(403, "This origin may not connect; "
                                                "see GATEWAY_ALLOWED_ORIGINS\n")
             if len(self.connections) >= MAX_CONNECTIONS or self.strangers >= MAX_STRANGERS:
@@ -2849,6 +2929,8 @@ class GatewayChannel(Channel):
             pass
         finally:
             self.connections.discard(connection)
+            for task in running:  # nobody is left to read their answers
+                task.cancel()
 
     async def connect(self, connection, frame) -> bool:
         try:
@@ -2860,7 +2942,10 @@ class GatewayChannel(Channel):
         if request["method"] != "connect" or not isinstance(token, str) or \
                 not secrets.compare_digest(token.encode(), self.token.encode()):
             why = "wrong token" if request["method"] == "connect" else "no connect first"
-            log(f"[gateway] refused a connection from {connection.remote_address[0]}: {why}")
+            line = self.refusals.line(f"[gateway] refused a connection from "
+                                      f"{connection.remote_address[0]}: {why}")
+            if line:
+                log(line)
             await connection.send(json.dumps(rpc_error(
                 request["id"], UNAUTHORIZED,
                 f"unauthorized ({why}): the first request must be connect with the token")))
