@@ -951,3 +951,19 @@ def test_a_tool_input_that_is_not_an_object_never_enters_the_history(path, load,
              if b.get("type") == "tool_use"]
     assert calls and calls[0]["input"] == {} and "Fine now." in out
     assert fake_api.rejected == []
+
+
+def test_taking_over_old_state_never_follows_a_link_out(path, load, workspace, tmp_path,
+                                                        monkeypatch, capsys):
+    outside = tmp_path / "outside"
+    (outside / "inner").mkdir(parents=True)
+    (outside / "inner" / "keep.txt").write_text("x")
+    os.chmod(outside / "inner" / "keep.txt", 0o644)
+    old = workspace / ".state"
+    old.mkdir()
+    (old / "sessions").symlink_to(outside)  # a link in old state must not be taken, or walked
+    (old / "notes.txt").write_text("old")
+    code, out = drive_repl(load(path), [], monkeypatch, capsys)
+    assert code == 0 and (state_of(workspace) / "notes.txt").exists()
+    assert not (state_of(workspace) / "sessions").is_symlink()
+    assert stat.S_IMODE((outside / "inner" / "keep.txt").stat().st_mode) == 0o644

@@ -1100,3 +1100,24 @@ def test_a_flood_of_refused_webhook_events_is_one_line(path, load, fake_api, fs,
         return "quit"
     code, out = drive_repl(mod, [flood], monkeypatch, capsys)
     assert out.count("refused an event with a wrong verification token") == 1
+
+
+def test_a_stranger_in_a_group_can_neither_fill_its_line_nor_restart_it(path, load, fake_api, tg,
+                                                                        monkeypatch, capsys):
+    mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
+    gate = threading.Event()
+    fake_api.script(reply("first", gate=gate))
+
+    def stranger_meddles():
+        tg.push(tg.group_message("one", user_id=42, chat_id=-100))
+        wait_for(lambda: fake_api.requests, what="the first call")
+        tg.push(tg.group_message("two", user_id=42, chat_id=-100))
+        for _ in range(mod.MAX_WAITING_TURNS + 2):
+            tg.push(tg.group_message("spam", user_id=666, chat_id=-100, first_name="Mal"))
+        tg.push(tg.group_message("/new", user_id=666, chat_id=-100, first_name="Mal"))
+        wait_for(lambda: not tg.updates, what="the bot to take them all")
+        gate.set()
+        tg.wait_for_sent(2)
+        return "quit"
+    drive_repl(mod, [stranger_meddles], monkeypatch, capsys)
+    assert texts(tg.sent) == ["first", "(fake) you said: two"]

@@ -268,7 +268,9 @@ def safe_path(raw: str) -> Path:
         raise ToolError(f"{raw!r} is outside the workspace; use a path inside {WORKSPACE_DIR}")
     if path.name == ".env":
         raise ToolError(f"{raw!r} is private: .env files hold secrets and are off limits")
-    if any(path == old or path.is_relative_to(old) for old, _ in OLD_STATE_PLACES):
+    lowered = str(path).casefold()  # macOS and Windows do not tell .state from .STATE
+    if any(lowered == str(old).casefold() or lowered.startswith(str(old).casefold() + os.sep)
+           for old, _ in OLD_STATE_PLACES):
         # Where older versions kept state: what a tool wrote there would be taken for state.
         raise ToolError(f"{raw!r} is reserved: older versions kept the gateway's state there")
     return path
@@ -304,15 +306,21 @@ def move_old_state(old: Path, new: Path) -> None:
     """State an earlier version kept in the workspace moves out, with a line (only when the
     state folder is new: later, a file there could have been put by a command the model ran)."""
     entries = list(old.iterdir()) if old.is_dir() else [old]
+    moved = 0
     for entry in entries:
         target = new / entry.name if old.is_dir() else new
+        if target.exists() or entry.is_symlink():
+            continue  # what is there already wins; a link is never state (it could lead to /usr)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(entry), str(target))
-        for path in [target, *(target.rglob("*") if target.is_dir() else [])]:
-            os.chmod(path, 0o700 if path.is_dir() else 0o600)  # state is owner-only
-    if old.is_dir():
+        moved += 1
+        for folder, dirs, files in os.walk(target):  # state is owner-only (links not followed)
+            for path in [folder, *(os.path.join(folder, f) for f in files)]:
+                if not os.path.islink(path):
+                    os.chmod(path, 0o700 if os.path.isdir(path) else 0o600)
+    if old.is_dir() and not any(old.iterdir()):
         old.rmdir()
-    print(dim(f"[state] moved {len(entries)} item(s) from {old} to {new}"))
+    print(dim(f"[state] moved {moved} item(s) from {old} to {new}"))
 
 
 def truncate(text: str, limit: int = MAX_TOOL_OUTPUT) -> str:
@@ -718,8 +726,9 @@ def file_hashes(command: str) -> dict[str, str]:
     for word in words:
         try:
             path = safe_path(word)
-            if path.is_file():
-                hashes[word] = hashlib.sha256(path.read_bytes()[:EDIT_MAX_BYTES]).hexdigest()
+            if path.is_file():  # a regular file (never a FIFO), its first megabyte
+                with open(path, "rb") as f:
+                    hashes[word] = hashlib.sha256(f.read(EDIT_MAX_BYTES)).hexdigest()
         except (ToolError, OSError):
             continue
     return hashes
