@@ -156,4 +156,37 @@ TRANSCRIPTS = {
             ),
         ],
     },
+    "s06": {
+        "env": {"TZ": "UTC"},  # the prompt names the time zone: the same one on every machine
+        "runs": [
+            ["Please remember: Lighthouse ships on 3 March, and Ada leads it.", "/prompt", "quit"],
+            [
+                "When does Lighthouse ship?",
+                "/example-skill parser done, search index done, the docs are still open",
+                "/skills",
+                "quit",
+            ],
+        ],
+        "steps": [
+            reply(
+                tools=[
+                    tool_use(
+                        "memory_write",
+                        {"text": "Lighthouse ships on 3 March. Ada leads it."},
+                        "toolu_01",
+                    )
+                ]
+            ),
+            reply("Saved in today's note: Lighthouse ships on 3 March, and Ada leads it."),
+            reply(tools=[tool_use("memory_search", {"query": "Lighthouse ship"}, "toolu_02")]),
+            reply("Lighthouse ships on 3 March (from today's note); Ada leads it."),
+            reply(
+                "Lighthouse status: two of three parts are done.\n"
+                "- Done: the parser.\n"
+                "- Done: the search index.\n"
+                "- In progress: the docs.\n"
+                "Next step: finish the docs before 3 March."
+            ),
+        ],
+    },
 }
