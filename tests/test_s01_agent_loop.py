@@ -164,13 +164,19 @@ def test_refusal_drops_the_turn(path, load, fake_api, monkeypatch, capsys):
 
 @pytest.mark.parametrize("path", SECTIONS, ids=ids)
 def test_usage_line_every_turn_and_dim_on_a_terminal(path, load, fake_api, monkeypatch, capsys):
+    """"in" is the whole prompt: the part sent fresh plus what was read from or written to the
+    cache (the API reports the three apart)."""
     fake_api.script(
-        reply("one", usage={"input_tokens": 11, "output_tokens": 3, "cache_read_input_tokens": 5})
+        reply("one", usage={"input_tokens": 11, "output_tokens": 3, "cache_read_input_tokens": 5,
+                            "cache_creation_input_tokens": 0}),
+        reply("two", usage={"input_tokens": 2, "output_tokens": 3, "cache_read_input_tokens": 5,
+                            "cache_creation_input_tokens": 7}),
     )
     mod = load(path)
-    code, out = drive_repl(mod, ["hi"], monkeypatch, capsys)
+    code, out = drive_repl(mod, ["hi", "again"], monkeypatch, capsys)
     usage = [line for line in out.splitlines() if line.startswith("[tokens")]
-    assert usage == ["[tokens in 11 / out 3 / cached 5 · stop end_turn]"]
+    assert usage == ["[tokens in 16 / out 3 / cached 5 · stop end_turn]",
+                     "[tokens in 14 / out 3 / cached 5 / written to cache 7 · stop end_turn]"]
     mod.USE_COLOR = True
     assert mod.dim("x") == "\033[2mx\033[0m"
 

@@ -298,14 +298,17 @@ def test_the_estimate_follows_the_reported_usage(path, load, fake_api, capsys):
     session = main_store(mod).create()
     guard = mod.ContextGuard(mod.make_client())
     fake_api.script(
-        reply("ok", usage={"input_tokens": 500_000, "cache_read_input_tokens": 100_000})
+        reply("ok", usage={"input_tokens": 500_000, "cache_read_input_tokens": 100_000,
+                           "cache_creation_input_tokens": 0})
     )
     mod.agent_turn(mod.make_client(), session, "hello", guard)
     assert session.prompt_tokens == 600_000
     assert 600_000 < guard.estimate(session, "next") < 600_100
     mod.agent_turn(mod.make_client(), session, "below the margin", guard)
     assert fake_api.count_requests == []
-    fake_api.script(reply("ok", usage={"input_tokens": 700_000}))  # past 90% of the 750,000 limit
+    # past 90% of the 750,000 limit:
+    fake_api.script(reply("ok", usage={"input_tokens": 700_000, "cache_read_input_tokens": 0,
+                                       "cache_creation_input_tokens": 0}))
     mod.agent_turn(mod.make_client(), session, "close to the limit", guard)
     mod.agent_turn(mod.make_client(), session, "checked", guard)
     assert len(fake_api.count_requests) == 1  # the real count is small: no compaction

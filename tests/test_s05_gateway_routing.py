@@ -1193,3 +1193,15 @@ def test_hostile_state_files_are_sentences_not_tracebacks(path, load, workspace,
     write_config(workspace)
     (state_of(workspace) / "gateway-token").mkdir()
     assert load(path).main() == 2 and "gateway-token" in capsys.readouterr().err
+
+
+def test_a_tool_a_later_section_added_is_left_out_here_not_refused(path, load, fake_api,
+                                                                   monkeypatch, capsys, workspace):
+    """An earlier section leaves alone what it does not know: gateway.json written for a later
+    section (a tool from s10, say) still starts this one."""
+    write_config(workspace, agents=[{"id": "main", "name": "Claw", "model": None,
+                                     "tools": ["read_file", "tool_from_the_future"]}])
+    code, out = drive_repl(load(path), ["/agents"], monkeypatch, capsys)
+    assert code == 0 and "tool_from_the_future unknown here; left out" in out
+    assert "tools read_file" in out
+    assert "tool_from_the_future" in gateway_config(workspace)["agents"][0]["tools"]

@@ -182,8 +182,10 @@ def stream_reply(client: anthropic.Anthropic, messages: list,
 
 def print_usage(message: anthropic.types.Message, out: TerminalOutput) -> None:
     u = message.usage
-    cached = u.cache_read_input_tokens or 0
-    out.note(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
+    read, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+    prompt = u.input_tokens + read + written  # the whole prompt; `cached` of it came from cache
+    cached = f"{read}" + (f" / written to cache {written}" if written else "")
+    out.note(f"[tokens in {prompt} / out {u.output_tokens} / cached {cached}"
              f" · stop {message.stop_reason}]")
 
 

@@ -193,8 +193,10 @@ def stream_reply(client: anthropic.Anthropic, messages: list, out: TerminalOutpu
 
 def print_usage(message: anthropic.types.Message, out: TerminalOutput) -> None:
     u = message.usage
-    cached = u.cache_read_input_tokens or 0
-    out.note(f"[tokens in {u.input_tokens} / out {u.output_tokens} / cached {cached}"
+    read, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+    prompt = u.input_tokens + read + written  # the whole prompt; `cached` of it came from cache
+    cached = f"{read}" + (f" / written to cache {written}" if written else "")
+    out.note(f"[tokens in {prompt} / out {u.output_tokens} / cached {cached}"
              f" · stop {message.stop_reason}]")
 
 
@@ -2607,9 +2609,9 @@ def check_gateway_config(config) -> None:
                 not isinstance(agent.get("model"), (str, type(None))):
             fail(f"agents[{i}]", "needs a name (text) and a model (text, or null for MODEL_ID)")
         tools = agent.get("tools")
-        if tools != "*" and (not isinstance(tools, list) or any(
-                not isinstance(t, str) or t not in TOOL_HANDLERS for t in tools)):
-            fail(f"agents[{i}].tools", f'must be "*" (every tool) or a list drawn from '
+        if tools != "*" and (not isinstance(tools, list) or
+                             not all(isinstance(t, str) for t in tools)):
+            fail(f"agents[{i}].tools", f'must be "*" (every tool) or a list of names from '
                                        f"{', '.join(TOOL_HANDLERS)}")
     ids = [agent["id"] for agent in agents]
     if len(set(ids)) != len(ids):
@@ -2690,10 +2692,18 @@ class Router:
         return config
 
     def make_agents(self) -> dict[str, Agent]:
-        """The agents; "*" for tools means every tool this section has (later sections add some)."""
-        return {a["id"]: Agent(a["id"], a["name"], a["model"] or MODEL_ID,
-                               list(TOOL_HANDLERS) if a["tools"] == "*" else list(a["tools"]))
-                for a in self.config["agents"]}
+        """The agents. "*" for tools means every tool this section has; a tool this section
+        does not know (a later section's) is left out, with a line, and the file kept as it is."""
+        agents = {}
+        for a in self.config["agents"]:
+            tools = list(TOOL_HANDLERS) if a["tools"] == "*" else a["tools"]
+            unknown = [t for t in tools if t not in TOOL_HANDLERS]
+            if unknown:
+                log(f"[gateway] {a['id']}: {', '.join(map(printable, unknown))} unknown here; "
+                    "left out")
+            agents[a["id"]] = Agent(a["id"], a["name"], a["model"] or MODEL_ID,
+                                    [t for t in tools if t in TOOL_HANDLERS])
+        return agents
 
     def save(self) -> None:
         write_atomic(self.path, json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
