@@ -1124,6 +1124,8 @@ def test_every_chat_send_gets_an_answer_even_past_the_waiting_cap(path, load, fa
         for n in range(1 + many):
             client.ws.send(json.dumps({"jsonrpc": "2.0", "id": n, "method": "chat.send",
                                        "params": {"text": f"m{n}", "peer_id": "p"}}))
+            if n == 0:  # the first is being answered before the rest line up
+                wait_for(lambda: fake_api.requests, what="the first call")
         answers = {}
         while len(answers) < 3:  # the ones past the cap are answered at once
             message = client.receive()
@@ -1167,6 +1169,8 @@ def test_new_answers_the_gateway_requests_it_drops_and_a_closed_client_leaves_no
         for n, text in enumerate(["a", "b", "c", "/new"]):
             client.ws.send(json.dumps({"jsonrpc": "2.0", "id": n, "method": "chat.send",
                                        "params": {"text": text, "peer_id": "p"}}))
+            if n == 0:  # "a" is being answered (held by the gate) before the rest arrive
+                wait_for(lambda: fake_api.requests, what="the first call")
         answers = {}
         while len(answers) < 2:  # b and c, dropped by /new, are answered at once
             message = client.receive()
