@@ -470,9 +470,7 @@ def test_end_to_end_tool_call_with_approval(path, fake_api, subprocess_env, work
     assert run.returncode == 0, run.stderr
     assert (
         "  The model wants to run (15 characters): mkdir -p drafts\n"
-        "  (always: this exact command runs without asking from now on, while the files it "
-        "names stay the same; a script it reads without naming it, such as a Makefile, can "
-        "still change)\n"
+        "  (always: this exact command, from now on, while the files it names stay as they are)\n"
         "  Allow? [o]nce / [a]lways / [d]eny > o\n"
     ) in run.transcript
     assert "Created drafts/." in run.transcript
@@ -924,6 +922,25 @@ def test_always_stops_when_a_file_the_command_names_changes(path, load, monkeypa
     asked = answers(monkeypatch, "d")
     text, is_error = mod.run_tool("bash", {"command": "bash test.sh"})
     assert asked and is_error and not (workspace / "pwned").exists()
+    (workspace / "test.sh").unlink()  # gone is not the same either
+    assert not mod.is_always_approved("bash test.sh", "terminal")
+
+
+def test_always_holds_for_a_command_that_creates_or_writes_a_file(path, load, monkeypatch,
+                                                                  workspace):
+    """`touch new.txt` and `date > stamp.txt` make the file they name: that is no change to
+    what was approved, so "always" still holds the second time."""
+    mod = load(path)
+    (workspace / "input.txt").write_text("b\na\n")
+    for command in ["touch new.txt", "date > stamp.txt", "sort <input.txt >sorted.txt 2>&1"]:
+        answers(monkeypatch, "a")
+        assert not mod.run_tool("bash", {"command": command})[1], command
+        assert answers(monkeypatch) == [], command
+        assert not mod.run_tool("bash", {"command": command})[1], command
+    assert mod.file_hashes("sort <input.txt >sorted.txt 2>&1") == {
+        "input.txt": mod.hashlib.sha256(b"b\na\n").hexdigest()}
+    (workspace / "input.txt").write_text("changed\n")  # a file it reads is still checked
+    assert not mod.is_always_approved("sort <input.txt >sorted.txt 2>&1", "terminal")
 
 
 def test_old_state_that_appears_after_the_state_folder_exists_is_never_taken(path, load,

@@ -771,10 +771,14 @@ def load_approvals() -> list[dict]:
 
 
 def is_always_approved(command: str, scope: str) -> bool:
-    """Only the exact command, from the same scope, naming the same files as when it was
-    approved: "always" for `cat notes.md` never covers `cat notes.md ../.env`, and "always"
-    for `bash test.sh` stops when test.sh changes. To trust more, add exact commands."""
-    return {"command": command, "scope": scope, "files": file_hashes(command)} in load_approvals()
+    """Only the exact command, from the same scope, while the files it named when it was
+    approved are unchanged: "always" for `cat notes.md` never covers `cat notes.md ../.env`,
+    and "always" for `bash test.sh` stops when test.sh changes or goes away."""
+    for entry in load_approvals():
+        if entry["command"] == command and entry["scope"] == scope:
+            now = file_hashes(command)
+            return all(now.get(name) == digest for name, digest in entry["files"].items())
+    return False
 
 
 def remember_always(command: str, scope: str) -> None:
@@ -784,15 +788,25 @@ def remember_always(command: str, scope: str) -> None:
                                             indent=2) + "\n")
 
 
+OUTPUT_REDIRECT = re.compile(r"(\d*|&)>>?\|?")  # > >> 2> &> >| ... : the next word is written
+
+
 def file_hashes(command: str) -> dict[str, str]:
     """A fingerprint of the workspace files a command names (a script it runs, say). The model
-    can rewrite them with write_file, so an approval holds only while they stay the same."""
+    can rewrite them with write_file, so an approval holds only while they stay the same.
+    A file the command writes to (`> out.txt`) or creates (`touch new.txt`) is not one of them:
+    only files that exist now are fingerprinted, never a redirect's target."""
     try:
         words = shlex.split(command)
     except ValueError:
         words = command.split()
-    hashes = {}
+    hashes, skip_next = {}, False
     for word in words:
+        redirect = OUTPUT_REDIRECT.match(word)
+        if skip_next or redirect:
+            skip_next = bool(redirect) and redirect.end() == len(word)  # `> out`, not `>out`
+            continue
+        word = word.lstrip("<") or word  # `<input.txt` is read: fingerprint it
         try:
             path = safe_path(word)
             if path.is_file():  # a regular file (never a FIFO), its first megabyte
@@ -816,9 +830,7 @@ def ask_person(command: str) -> str:
     """Ask at the terminal: "once", "always" or "deny". Ctrl-D is a deny; Ctrl-C is not caught
     here, so it drops the turn like Ctrl-C anywhere else; any other answer asks again."""
     print(f"  The model wants to run ({len(command)} characters): {shown_command(command)}")
-    print("  (always: this exact command runs without asking from now on, while the files it "
-          "names stay the same; a script it reads without naming it, such as a Makefile, can "
-          "still change)")
+    print("  (always: this exact command, from now on, while the files it names stay as they are)")
     while True:
         try:
             answer = input(APPROVAL_PROMPT).strip().lower()
