@@ -8,11 +8,11 @@ and the channel come after the cache breakpoint. The agent writes notes and sear
 skill's instructions only when the skill is used.
 
 New here:
-  [s06] The prompt: layers from files, a prefix the API can cache — Layer, Prompt, warn_once,
-      read_workspace_text, layer_source, tools_guide, clip, shorten, fit, runtime_facts,
-      build_prompt
-  [s06] Memory: notes on disk, an index that finds them — chunk_text, note_day, MemoryIndex,
-      pick, memory_files, memory_write, memory_search, memory_get, flush_memory,
+  [s06] The prompt: layers from files, a prefix the API can cache — Layer, Prompt, fence,
+      warn_once, read_workspace_text, layer_source, is_prompt_file, tools_guide, clip, shorten,
+      fit, has_notes, runtime_facts, build_prompt
+  [s06] Memory: notes on disk, an index that finds them — can_search, chunk_text, note_day,
+      MemoryIndex, pick, memory_files, memory_write, memory_search, memory_get, flush_memory,
       widen_old_default
   [s06] Skills: an index in the prompt, the body on use — Skill, front_matter, load_skills,
       skills_index, skill_for
@@ -20,7 +20,9 @@ New here:
       search_memory, show_skills, run_skill
 Changed here:
   stream_reply — builds the prompt for the agent and the channel; two cache breakpoints
-  agent_turn, ContextGuard — close to the limit, memory is flushed once before compacting
+  agent_turn, ContextGuard — the prompt is built once a turn and counted whole; close to the
+      limit, memory is flushed once before compacting
+  run_tool, show_context — a prompt file is written only when asked; the count is the prompt sent
   TerminalOutput, ChatReply — say which channel the turn is for, and carry a skill
   MessageBus, run_command — "/<skill-name> words" starts a skill, from a chat or the terminal
   Router — s05's old default list of tools becomes "*", once
@@ -175,14 +177,15 @@ def printable(text: str, keep_lines: bool = False) -> str:
 
 
 def stream_reply(client: anthropic.Anthropic, messages: list, out: TerminalOutput,
-                 agent: Agent | None = None) -> anthropic.types.Message:
+                 agent: Agent | None = None,
+                 prompt: Prompt | None = None) -> anthropic.types.Message:
     """Send the conversation; pass text on as it arrives; return the whole message.
     An agent from gateway.json brings its own model and its own tools. The system prompt is
-    built for that agent and the channel `out` speaks for (s06): a stable part the API caches,
-    then what changes. The top-level cache_control puts a second breakpoint on the last block
-    of the conversation, so each call reads what the call before it cached."""
+    the turn's, built for that agent and the channel `out` speaks for (s06): a stable part the
+    API caches, then what changes. The top-level cache_control puts a second breakpoint on the
+    last block of the conversation, so each call reads what the call before it cached."""
     agent = agent or DEFAULT_AGENT
-    prompt = build_prompt(agent, out.channel_name, out.skill)
+    prompt = prompt or build_prompt(agent, out.channel_name, out.skill)
     with client.messages.stream(model=agent.model, max_tokens=MAX_TOKENS, system=prompt.blocks(),
                                 tools=agent.tool_schemas() or anthropic.omit, messages=messages,
                                 cache_control=CACHE_BREAKPOINT) as stream:
@@ -236,7 +239,8 @@ def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
     The session is saved at every consistent point. `out` is who reads the turn:
     the terminal, or a remote chat's reply (s04); `agent` picks model and tools (s05)."""
     guard, out = guard or ContextGuard(client), out or TERMINAL
-    guard.check(session, user_text, out, agent)
+    prompt = build_prompt(agent or DEFAULT_AGENT, out.channel_name, out.skill)  # s06: once a turn
+    guard.check(session, user_text, out, agent, prompt)
     messages = session.messages
     consistent = list(messages)  # the last point at which the history is whole
     add_user_text(messages, user_text)
@@ -244,7 +248,7 @@ def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
     compacted_once = False
     for _ in range(MAX_TOOL_ROUNDS):
         try:
-            message = stream_reply(client, messages, out, agent)
+            message = stream_reply(client, messages, out, agent, prompt)
         except anthropic.APIError as exc:
             messages[:] = consistent  # roll back to the last consistent point
             if is_context_overflow(exc) and not compacted_once:
@@ -782,10 +786,14 @@ def load_approvals() -> list[dict]:
 
 
 def is_always_approved(command: str, scope: str) -> bool:
-    """Only the exact command, from the same scope, naming the same files as when it was
-    approved: "always" for `cat notes.md` never covers `cat notes.md ../.env`, and "always"
-    for `bash test.sh` stops when test.sh changes. To trust more, add exact commands."""
-    return {"command": command, "scope": scope, "files": file_hashes(command)} in load_approvals()
+    """Only the exact command, from the same scope, while the files it named when it was
+    approved are unchanged: "always" for `cat notes.md` never covers `cat notes.md ../.env`,
+    and "always" for `bash test.sh` stops when test.sh changes or goes away."""
+    for entry in load_approvals():
+        if entry["command"] == command and entry["scope"] == scope:
+            now = file_hashes(command)
+            return all(now.get(name) == digest for name, digest in entry["files"].items())
+    return False
 
 
 def remember_always(command: str, scope: str) -> None:
@@ -795,15 +803,25 @@ def remember_always(command: str, scope: str) -> None:
                                             indent=2) + "\n")
 
 
+OUTPUT_REDIRECT = re.compile(r"(\d*|&)>>?\|?")  # > >> 2> &> >| ... : the next word is written
+
+
 def file_hashes(command: str) -> dict[str, str]:
     """A fingerprint of the workspace files a command names (a script it runs, say). The model
-    can rewrite them with write_file, so an approval holds only while they stay the same."""
+    can rewrite them with write_file, so an approval holds only while they stay the same.
+    A file the command writes to (`> out.txt`) or creates (`touch new.txt`) is not one of them:
+    only files that exist now are fingerprinted, never a redirect's target."""
     try:
         words = shlex.split(command)
     except ValueError:
         words = command.split()
-    hashes = {}
+    hashes, skip_next = {}, False
     for word in words:
+        redirect = OUTPUT_REDIRECT.match(word)
+        if skip_next or redirect:
+            skip_next = bool(redirect) and redirect.end() == len(word)  # `> out`, not `>out`
+            continue
+        word = word.lstrip("<") or word  # `<input.txt` is read: fingerprint it
         try:
             path = safe_path(word)
             if path.is_file():  # a regular file (never a FIFO), its first megabyte
@@ -827,9 +845,7 @@ def ask_person(command: str) -> str:
     """Ask at the terminal: "once", "always" or "deny". Ctrl-D is a deny; Ctrl-C is not caught
     here, so it drops the turn like Ctrl-C anywhere else; any other answer asks again."""
     print(f"  The model wants to run ({len(command)} characters): {shown_command(command)}")
-    print("  (always: this exact command runs without asking from now on, while the files it "
-          "names stay the same; a script it reads without naming it, such as a Makefile, can "
-          "still change)")
+    print("  (always: this exact command, from now on, while the files it names stay as they are)")
     while True:
         try:
             answer = input(APPROVAL_PROMPT).strip().lower()
@@ -1004,6 +1020,8 @@ def run_tool(name: str, tool_input: dict, approve=approve_at_terminal,
         check_arguments(name, tool_input)
         if name == "bash":
             check_command(tool_input["command"], approve)
+        if name in ("write_file", "edit_file") and is_prompt_file(tool_input["path"]):
+            approve(f"{name} {tool_input['path']}")  # s06: the prompt is files: ask, as for bash
         return TOOL_HANDLERS[name](**tool_input), False
     except ToolError as exc:
         return str(exc), True
@@ -1442,18 +1460,24 @@ class ContextGuard:
     def limit(self) -> int:
         return int(CONTEXT_WINDOW * COMPACT_THRESHOLD)
 
-    def count(self, messages: list) -> tuple[int, str]:
-        if self.can_count:
+    def count(self, messages: list, agent: Agent | None = None, prompt: Prompt | None = None,
+              ask: bool = True) -> tuple[int, str]:
+        """The prompt as stream_reply sends it (s06): the agent's model and tools, and the
+        layered system prompt (the turn's, else the terminal's). ask=False: estimate only."""
+        agent = agent or DEFAULT_AGENT
+        system, tools = (prompt or build_prompt(agent, "terminal")).blocks(), agent.tool_schemas()
+        if self.can_count and ask:
             try:
                 counted = self.client.messages.count_tokens(
-                    model=MODEL_ID, system=SYSTEM_PROMPT, tools=TOOLS, messages=messages)
+                    model=agent.model, system=system, tools=tools or anthropic.omit,
+                    messages=messages)
                 return counted.input_tokens, "counted by the API"
             except anthropic.APIStatusError as exc:
                 if exc.status_code in (404, 405, 501):
                     self.can_count = False  # this endpoint has no token counting
             except anthropic.APIConnectionError:
                 pass
-        return estimate_tokens(messages), "estimated from characters"
+        return characters([messages, system, tools]) // 3, "estimated from characters"
 
     def observe(self, session: Session, usage) -> None:
         """After a call: remember how big the prompt was, and how many messages it held."""
@@ -1461,28 +1485,30 @@ class ContextGuard:
                                  + (usage.cache_creation_input_tokens or 0))
         session.counted = len(session.messages)
 
-    def estimate(self, session: Session, user_text: str) -> int:
+    def estimate(self, session: Session, user_text: str, agent: Agent | None = None,
+                 prompt: Prompt | None = None) -> int:
         """The next prompt's size: the last reported one plus what was added since, or,
         for a session no call has seen yet, a character estimate of all of it."""
         if session.prompt_tokens is None or session.counted > len(session.messages):
-            session.prompt_tokens, session.counted = estimate_tokens(session.messages), len(
-                session.messages)
+            session.prompt_tokens, session.counted = self.count(  # s06: the whole prompt
+                session.messages, agent, prompt, ask=False)[0], len(session.messages)
         added = characters(session.messages[session.counted:]) + len(user_text)
         return session.prompt_tokens + added // 3
 
     def check(self, session: Session, user_text: str, out: TerminalOutput,
-              agent: Agent | None = None) -> None:
+              agent: Agent | None = None, prompt: Prompt | None = None) -> None:
         """Before a turn: compact if the prompt, with the new words, would pass the limit.
         Close to the limit but not past it (s06), once until the next compaction: a silent
-        turn first lets the model save what must outlive the summary."""
-        tokens = self.estimate(session, user_text)
+        turn first lets the model save what must outlive the summary. The prompt counted is
+        the turn's (s06): its system blocks, the agent's model and tools."""
+        tokens = self.estimate(session, user_text, agent, prompt)
         if tokens > self.limit * COUNT_MARGIN:  # close: worth one request for the real number
             probe = list(session.messages)
             add_user_text(probe, user_text)
-            tokens, _ = self.count(probe)
+            tokens, _ = self.count(probe, agent, prompt)
             if tokens <= self.limit and session.id not in self.flushed:
                 self.flushed.add(session.id)
-                flush_memory(self.client, session.messages, out, agent or DEFAULT_AGENT)
+                flush_memory(self.client, session.messages, out, agent or DEFAULT_AGENT, prompt)
         if tokens > self.limit:
             self.compact(session, f"{tokens:,} tokens is over the limit of {self.limit:,}",
                          out=out)
@@ -1574,7 +1600,7 @@ def switch_session(repl: Repl, arg: str) -> None:
 
 def show_context(repl: Repl, arg: str) -> None:
     session, guard = repl.session, repl.guard
-    tokens, how = guard.count(session.messages) if session.messages else (0, "empty")
+    tokens, how = guard.count(session.messages, repl.agent) if session.messages else (0, "empty")
     print(f"Context: {tokens:,} tokens ({how}) of a {CONTEXT_WINDOW:,}-token window; "
           f"compaction at {guard.limit:,} ({COMPACT_THRESHOLD:.0%}); "
           f"{plural(len(session.messages), 'message')}")
@@ -2445,7 +2471,7 @@ class MessageBus:
         store = self.store_for(route.agent.id)
         if text in ("/start", "/help"):
             return channel.deliver_reply(message, REMOTE_HELP)
-        if text == "/new":
+        if text.split()[:1] == ["/new"]:  # s06: "/new words" too, never a skill called "new"
             store.for_key(route.session_key, fresh=True)
             return channel.deliver_reply(message, "Started a new conversation.")
         if not text:
@@ -3375,7 +3401,9 @@ CACHE_BREAKPOINT = {"type": "ephemeral"}  # the API caches the prompt up to here
 CHANNEL_HINTS = {"terminal": "The person types at a terminal on this machine: plain text.",
                  "webchat": "The person uses a gateway client: the chat page or a program.",
                  "chat app": "The person reads you in a chat app, often on a phone: be brief."}
-file_cache: dict[Path, tuple[tuple[int, int], str]] = {}  # path -> ((mtime_ns, size), text)
+FENCE_NOTE = ('Each workspace file below is inside <file path="..."> and </file>; the runtime '
+              "facts at the end are the gateway's own.")
+file_cache: dict[tuple[str, int], tuple[tuple, str]] = {}  # (name, limit) -> (lstat key, text)
 warned: set[str] = set()
 
 
@@ -3394,10 +3422,19 @@ class Prompt:
     volatile: list[Layer]
 
     def blocks(self) -> list:  # two text blocks: the first ends at the cache breakpoint
-        stable = "\n\n".join(layer.text for layer in self.stable if layer.text)
-        volatile = "\n\n".join(layer.text for layer in self.volatile if layer.text)
+        stable, volatile = ("\n\n".join(fence(layer) for layer in layers if layer.text)
+                            for layers in (self.stable, self.volatile))
         return [{"type": "text", "text": stable, "cache_control": CACHE_BREAKPOINT},
                 {"type": "text", "text": volatile}]
+
+
+def fence(layer: Layer) -> str:
+    """A file's layer inside <file path="...">. A "</file" in its text is defused, so no file
+    can end its own fence and pass itself off as another layer, the runtime facts or a skill."""
+    if not layer.source.endswith(".md"):
+        return layer.text  # the gateway's own words: SYSTEM_PROMPT, the runtime facts
+    text = re.sub(r"(?i)<(\s*/\s*file)", r"&lt;\1", layer.text)
+    return f'<file path="{layer.source}">\n{text}\n</file>'
 
 
 def warn_once(text: str) -> None:
@@ -3407,32 +3444,53 @@ def warn_once(text: str) -> None:
         log(printable(text))
 
 
-def read_workspace_text(name: str) -> str | None:
-    """A workspace file for the prompt, or None when there is none. It is read again only when
-    its (mtime_ns, size) changed: an unchanged file costs a turn one stat()."""
+def read_workspace_text(name: str, limit: int = MAX_FILE_CHARS * 4) -> str | None:
+    """A workspace file for the prompt (past `limit` bytes, its head and tail): None when there
+    is none; "" and one line (said once) when it is there but unusable: a link out or to
+    nothing, a folder, a FIFO, no permission, NUL bytes. An unchanged file costs one lstat():
+    it is read again (through safe_path) only when its inode, mtime or size change."""
+    where, key = WORKSPACE_DIR / name, None
     try:
-        path = safe_path(name)
-        info = path.stat()
-        key = (info.st_mtime_ns, info.st_size)
-        if file_cache.get(path, (None,))[0] != key:
-            head, tail, cut = read_bytes(path, name, MAX_FILE_CHARS * 4)
-            text = (head + b"\n\n" + tail if cut else head).decode("utf-8", errors="replace")
-            file_cache[path] = (key, text)
-        return file_cache[path][1]
-    except ToolError as exc:  # a link that leads out of the workspace, a FIFO...
-        warn_once(f"[prompt] left out {name}: {exc}")
-    except OSError:  # not there
-        pass
-    return None
+        info = os.lstat(where)
+        key = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        if stat.S_ISLNK(info.st_mode):  # a link: what it leads to counts too
+            info = os.stat(where)
+            key += (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        if file_cache.get((name, limit), (None,))[0] == key:
+            return file_cache[(name, limit)][1]
+        head, tail, cut = read_bytes(safe_path(name), name, limit)
+        if b"\0" in head + tail:
+            raise ToolError("it holds NUL bytes: not a text file")
+        text = (head + b"\n\n" + tail if cut else head).decode("utf-8", errors="replace")
+        file_cache[(name, limit)] = (key, text)
+        return text
+    except ToolError as exc:
+        why = str(exc)
+    except OSError as exc:
+        if key is None and isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+            return None  # not there
+        why = exc.strerror or str(exc)
+    warn_once(f"[prompt] left out {name}: {why}; nothing is used in its place")
+    return ""
 
 
 def layer_source(agent_id: str, name: str) -> tuple[str, str]:
-    """(file, text): workspace/agents/<id>/<name> when the agent has its own, else the shared."""
-    for source in (f"agents/{agent_id}/{name}", name):
-        text = read_workspace_text(source)
-        if text is not None:
-            return source, text
-    return name, ""
+    """(file, text): workspace/agents/<id>/<name> when the agent has its own, else the shared.
+    An own file that is there but unusable gives an empty layer, never the shared one."""
+    own = f"agents/{agent_id}/{name}"
+    text = read_workspace_text(own)
+    return (own, text) if text is not None else (name, read_workspace_text(name) or "")
+
+
+def is_prompt_file(raw: str) -> bool:
+    """A file the system prompt is read from: a layer file, or anything in agents/ or skills/.
+    write_file and edit_file ask before they change one, as bash does (run_tool)."""
+    try:
+        parts = [part.casefold() for part in safe_path(raw).relative_to(WORKSPACE_DIR).parts]
+    except ToolError:
+        return False  # the tool refuses the path itself
+    return (len(parts) > 1 and parts[0] in ("agents", "skills")) or (
+        len(parts) == 1 and parts[0] in {file.casefold() for _, file in LAYER_FILES if file})
 
 
 def tools_guide(text: str, tools: list[str]) -> str:
@@ -3448,11 +3506,14 @@ def tools_guide(text: str, tools: list[str]) -> str:
 
 
 def clip(text: str, limit: int, source: str) -> str:
-    """At most `limit` characters: head and tail, and a marker that says where to read the rest."""
+    """At most `limit` characters: head and tail, and a marker that says how to read the rest
+    (read_file would give the same head and tail again)."""
     if len(text) <= limit:
         return text
-    marker = (f"\n\n[... the middle of {source} is cut here to fit the prompt; "
-              f"read the whole file with read_file {source} ...]\n\n")
+    how = {"skills/*/SKILL.md": "list_dir skills shows every skill",
+           "MEMORY.md": "memory_get reads MEMORY.md by lines"}.get(
+        source, f"find the rest with bash: grep -n -C 20 WORD {source}")
+    marker = f"\n\n[... the middle of {source} is cut here to fit the prompt; {how} ...]\n\n"
     room = max(limit - len(marker), 0)
     return text[:room * 2 // 3] + marker + text[len(text) - room // 3:]
 
@@ -3478,13 +3539,25 @@ def fit(layers: list[Layer]) -> None:
     shorten(memory, left + reserve, "MAX_PROMPT_CHARS")
 
 
-def runtime_facts(agent: Agent, channel: str) -> str:
+def has_notes() -> bool:
+    """Whether memory/ holds a note yet (it stops at the first .md it meets)."""
+    try:
+        with os.scandir(MEMORY_DIR) as entries:
+            return any(entry.name.endswith(".md") for entry in entries)
+    except OSError:
+        return False
+
+
+def runtime_facts(agent: Agent, channel: str, skill: Skill | None = None) -> str:
     """What may change, so it comes after the breakpoint. The date, never the time of day: a
     prompt that changed every minute would be a new prompt every minute."""
     now = time.localtime()
-    return (f"# Runtime\n- Agent: {agent.id} ({agent.name}), model {agent.model}\n"
+    return (f"# Runtime (from the gateway, not from a file)\n"
+            f"- Agent: {agent.id} ({agent.name}), model {agent.model}\n"
             f"- Channel: {channel}. {CHANNEL_HINTS.get(channel, CHANNEL_HINTS['chat app'])}\n"
-            f"- Today: {time.strftime('%a %Y-%m-%d', now)}, time zone {time.strftime('%Z', now)}")
+            f"- Today: {time.strftime('%a %Y-%m-%d', now)}, time zone {time.strftime('%Z', now)}"
+            + (f"\n- Skill for this turn: {skill.name}. The person started it with /{skill.name}"
+               f"; follow {skill.path}, below." if skill else ""))
 
 
 def build_prompt(agent: Agent, channel: str, skill: Skill | None = None) -> Prompt:
@@ -3497,17 +3570,17 @@ def build_prompt(agent: Agent, channel: str, skill: Skill | None = None) -> Prom
             source, text = layer_source(agent.id, file)
         if name == "tools guide":
             text = tools_guide(text, agent.tools)
-        if name == "bootstrap" and next(MEMORY_DIR.glob("*.md"), None):
+        if name == "bootstrap" and has_notes():
             text = ""  # the workspace is new until memory/ holds its first note
         layers.append(Layer(name, source, text.strip()))
         shorten(layers[-1], MAX_FILE_CHARS, "MAX_FILE_CHARS")
     fit(layers)
-    volatile = [Layer("runtime", "built each turn", runtime_facts(agent, channel))]
+    volatile = [Layer("runtime", "built each turn", runtime_facts(agent, channel, skill))]
     if skill:
-        body = clip(read_workspace_text(skill.path) or "", MAX_FILE_CHARS, skill.path)
-        volatile.append(Layer("skill", skill.path, f"# Skill for this turn: {skill.name}\n"
-                              f"The person started it with /{skill.name}. Follow it.\n\n{body}"))
-    return Prompt([Layer("base", "SYSTEM_PROMPT", SYSTEM_PROMPT)] + layers, volatile)
+        body = read_workspace_text(skill.path) or ""
+        volatile.append(Layer("skill", skill.path, clip(body, MAX_FILE_CHARS, skill.path)))
+    base = Layer("base", "SYSTEM_PROMPT", f"{SYSTEM_PROMPT}\n{FENCE_NOTE}")
+    return Prompt([base] + layers, volatile)
 
 
 # --- [s06] Memory: notes on disk, an index that finds them --------------------
@@ -3522,23 +3595,47 @@ HALF_LIFE_DAYS = 30   # a daily note's score halves every 30 days; MEMORY.md nev
 MMR_LAMBDA = 0.7      # relevance against variety when results are picked
 DUPLICATE = 0.8       # trigram overlap (Jaccard) at which a result is a near copy: dropped
 CANDIDATES = 100      # matches each index hands on to the ranking
+MAX_QUERY_WORDS = 32  # words (and trigrams) of one query looked up: FTS5 refuses ~1,000
+MAX_NOTE_CHARS = 8_000        # one memory_write
+MAX_NOTE_BYTES = 1_000_000    # a day's file past this: the day goes on in <date>-2.md, -3...
+MAX_INDEX_BYTES = 4_000_000   # a larger file is not indexed (one line says so)
+CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]{4}")
 NO_MEMORY = "NO_MEMORY_NEEDED"  # the flush's answer when nothing needed saving
 FLUSH_ROUNDS = 3      # model calls one flush may make
 FLUSH_PROMPT = ("[Memory flush] This conversation is near its context limit; its older part "
                 "will soon be a summary. Save with memory_write what must outlive it (facts, "
                 f"decisions, open tasks), a short note each. If nothing, reply only {NO_MEMORY}.")
-MEMORY_SCHEMA = """
+INDEX_VERSION = 1     # PRAGMA user_version of an index this code built; another is rebuilt
+MEMORY_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, mtime_ns INT, size INT);
 CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, path TEXT, start_line INT,
                                    end_line INT, text TEXT, day TEXT);
+CREATE INDEX IF NOT EXISTS chunks_path ON chunks (path);
 CREATE VIRTUAL TABLE IF NOT EXISTS words USING fts5 (text, tokenize = 'unicode61');
-CREATE VIRTUAL TABLE IF NOT EXISTS grams USING fts5 (text, tokenize = 'trigram');"""
+CREATE VIRTUAL TABLE IF NOT EXISTS grams USING fts5 (text, tokenize = 'trigram');
+PRAGMA user_version = {INDEX_VERSION};"""
+
+
+def can_search() -> bool:
+    """Whether this Python's SQLite has FTS5 with the trigram tokenizer (SQLite 3.34+)."""
+    try:
+        sqlite3.connect(":memory:").execute(
+            "CREATE VIRTUAL TABLE t USING fts5 (x, tokenize = 'trigram')")
+        return True
+    except sqlite3.Error:
+        return False
+
+
+SEARCH_OK = can_search()  # checked once, at start: without it there is no memory_search
+NO_SEARCH = ("memory search is off: it needs SQLite 3.34+ with FTS5 (this Python has "
+             f"{sqlite3.sqlite_version}); memory_write and memory_get work")
 
 
 def chunk_text(text: str) -> list[tuple[int, int, str]]:
     """(first line, last line, text): paragraphs merged up to CHUNK_CHARS; a chunk after the
-    first starts with the last line of the one before, so a fact on the border is in both."""
-    lines, paragraphs, start = text.splitlines(), [], None
+    first starts with the last line of the one before, so a fact on the border is in both.
+    Lines end at "\\n", as memory_get and memory_write count them."""
+    lines, paragraphs, start = text.split("\n"), [], None
     for number, line in enumerate(lines + [""], 1):
         if line.strip() and start is None:
             start = number
@@ -3571,43 +3668,63 @@ class MemoryIndex:
         self.path, self.db, self.lock = path, None, threading.RLock()
 
     def run(self, work):
-        """work(db), one thread at a time; a file that is no index is moved aside, then again."""
+        """work(db), one thread at a time. An index that cannot be used now (locked, a folder,
+        no space) is a ToolError: one line for whoever asked, never a crash."""
         with self.lock:
             try:
+                return self.attempt(work)
+            except (sqlite3.Error, OSError) as exc:
+                raise ToolError(f"the memory index {self.path} cannot be used now ({exc}); "
+                                "the notes themselves are fine") from None
+
+    def attempt(self, work):
+        """Whatever fails rolls back (the connection is closed). A file that is no index of
+        this version is moved aside, and the index is built again from the notes."""
+        for tries in (1, 2):
+            try:
                 return work(self.connect())
-            except sqlite3.OperationalError:
-                raise  # locked, or a missing feature: not the file's fault
-            except sqlite3.DatabaseError as exc:
+            except BaseException as exc:
                 if self.db:
-                    self.db.close()
+                    self.db.close()  # what was not committed is rolled back
                 self.db = None
+                if type(exc) is not sqlite3.DatabaseError or tries == 2:
+                    raise  # locked, missing a feature, a bug: not the file's fault
                 aside = self.path.with_name(f"memory.corrupt-{time.time_ns()}.sqlite")
                 self.path.replace(aside)
                 log(f"[memory] {self.path} is not a usable index ({exc}); moved it to "
                     f"{aside.name} and built a new one from the notes")
-                return work(self.connect())
 
     def connect(self) -> sqlite3.Connection:
         if self.db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # owner-only
-            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o600))
+            self.db = sqlite3.connect(self.path, timeout=1, check_same_thread=False)
+            version, tables = self.db.execute(
+                "SELECT (SELECT user_version FROM pragma_user_version), count(*) "
+                "FROM sqlite_master").fetchone()
+            if tables and version != INDEX_VERSION:  # another program's, or an older schema
+                raise sqlite3.DatabaseError(f"another schema, user_version {version}")
             self.db.executescript(MEMORY_SCHEMA)
         return self.db
 
     def refresh(self, db: sqlite3.Connection) -> None:
         """Follow the files: a stat() each; a file whose size or time changed is hashed, and
-        only one whose content changed is chunked again; a file that is gone is dropped."""
+        only one whose content changed is chunked again; a file that is gone is dropped. A
+        file that cannot be indexed (too large, unreadable, not UTF-8) loses its chunks, with
+        a line, and is tried again when it changes."""
         known = {row[0]: row[1:] for row in db.execute("SELECT * FROM files")}
         for path, target, info in memory_files():
             old = known.pop(path, None)
             if old and old[1:] == (info.st_mtime_ns, info.st_size):
                 continue
             try:
-                text = read_text(Path(target), path)
-            except ToolError:
-                continue
-            digest = hashlib.sha256(text.encode()).hexdigest()
+                if info.st_size > MAX_INDEX_BYTES:
+                    raise ToolError(f"it is over {MAX_INDEX_BYTES:,} bytes")
+                text = read_text(Path(target), path, MAX_INDEX_BYTES)
+                digest = hashlib.sha256(text.encode()).hexdigest()
+            except (ToolError, OSError) as exc:
+                warn_once(f"[memory] not searchable: {path}: {getattr(exc, 'strerror', 0) or exc}")
+                text, digest = "", "not indexed"
             if not old or old[0] != digest:
                 self.forget(db, path)
                 for first, last, chunk in chunk_text(text):
@@ -3630,12 +3747,16 @@ class MemoryIndex:
 
     def ranked(self, db: sqlite3.Connection, query: str, limit: int) -> list[dict]:
         """BM25 from both indexes, each divided by its best; fused half and half; times the
-        temporal decay; then MMR, which also drops near copies."""
+        temporal decay; then MMR, which also drops near copies. A run of more than three
+        Chinese or Japanese characters (a question with no spaces is one "word") is looked
+        up as its trigrams, so a note holding part of it is found."""
         self.refresh(db)
-        words = re.findall(r"\w+", query.lower())
+        words = list(dict.fromkeys(re.findall(r"\w+", query.lower())))[:MAX_QUERY_WORDS]
+        grams = [g for w in words if len(w) >= 3 for g in
+                 ([w[i:i + 3] for i in range(len(w) - 2)] if CJK_RUN.search(w) else [w])]
         scores: dict[int, list[float]] = {}
         for slot, table, wanted in ((0, "words", words),
-                                    (1, "grams", [w for w in words if len(w) >= 3])):
+                                    (1, "grams", list(dict.fromkeys(grams))[:MAX_QUERY_WORDS])):
             # Each word a quoted FTS5 string: what the person typed is never read as FTS syntax.
             match = " OR ".join('"' + word.replace('"', '""') + '"' for word in wanted)
             rows = db.execute(f"SELECT rowid, -bm25({table}) FROM {table} WHERE {table} MATCH ? "
@@ -3680,34 +3801,54 @@ MEMORY = MemoryIndex(MEMORY_INDEX_FILE)
 
 
 def memory_files() -> list[tuple[str, str, os.stat_result]]:
-    """(name, path, stat) of MEMORY.md and the regular files memory/*.md (links not followed)."""
+    """(name, path, stat) of MEMORY.md and the regular files memory/*.md (links not followed),
+    each on its own: one that cannot be used never hides the others. A name that is not UTF-8
+    is skipped with one line."""
     found = []
     try:
         found.append(("MEMORY.md", str(safe_path("MEMORY.md")), safe_path("MEMORY.md").stat()))
+    except (ToolError, OSError):
+        pass
+    try:
         with os.scandir(safe_path("memory")) as entries:
-            found += [(f"memory/{e.name}", e.path, e.stat(follow_symlinks=False)) for e in entries
-                      if e.name.endswith(".md") and e.is_file(follow_symlinks=False)]
+            for e in (e for e in entries if e.name.endswith(".md")):
+                try:
+                    e.name.encode()  # a name SQLite can store, and a person can read
+                    if e.is_file(follow_symlinks=False):
+                        found.append((f"memory/{e.name}", e.path, e.stat(follow_symlinks=False)))
+                except UnicodeEncodeError:
+                    warn_once(f"[memory] skipped memory/{e.name}: the name is not UTF-8")
+                except OSError:
+                    pass  # gone since the listing
     except (ToolError, OSError):
         pass
     return found
 
 
 def memory_write(text: str) -> str:
-    """Append a note to today's file, memory/YYYY-MM-DD.md (local date), under the time."""
+    """Append a note to today's file, memory/YYYY-MM-DD.md (local date), under the time. Past
+    MAX_NOTE_BYTES the day goes on in memory/YYYY-MM-DD-2.md, then -3..."""
     if not text.strip():
         raise ToolError("text is empty: write the note itself")
+    if len(text) > MAX_NOTE_CHARS:
+        raise ToolError(f"the note has {len(text):,} characters; at most {MAX_NOTE_CHARS:,}: "
+                        "save what matters, or several shorter notes")
     now = time.localtime()
-    name = f"memory/{time.strftime('%Y-%m-%d', now)}.md"
-    path = safe_path(name)
-    path.parent.mkdir(exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
-                 0o644)
-    try:
+    day = time.strftime("%Y-%m-%d", now)
+    safe_path("memory").mkdir(exist_ok=True)
+    for n in count(1):
+        name = f"memory/{day}{f'-{n}' if n > 1 else ''}.md"
+        fd = os.open(safe_path(name), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o644)
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ToolError(f"{name} is not a regular file")
-        lines = os.pread(fd, info.st_size, 0).count(b"\n")
-        head = "" if info.st_size else f"# {time.strftime('%Y-%m-%d', now)}\n"
+        if info.st_size < MAX_NOTE_BYTES or not stat.S_ISREG(info.st_mode):
+            break
+        os.close(fd)
+    try:
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a FIFO, a hard link out
+            raise ToolError(f"{name} is not a regular file with one name; not written")
+        lines = sum(part.count(b"\n") for part in iter(lambda: os.read(fd, 1 << 16), b""))
+        head = "" if info.st_size else f"# {day}\n"
         entry = f"{head}\n## {time.strftime('%H:%M', now)}\n{text.strip()}\n"
         os.write(fd, entry.encode("utf-8"))
     finally:
@@ -3722,48 +3863,59 @@ def memory_search(query: str, limit: int = 5) -> str:
         raise ToolError("query is empty: say what to look for")
     results = MEMORY.run(lambda db: MEMORY.ranked(db, query, max(1, min(limit, 20))))
     lines = [f"{plural(len(results), 'result')} for {query!r}, best first:"]
+    words = re.findall(r"\w+", query.lower())[:MAX_QUERY_WORDS]
     for r in results:
         flat = " ".join(r["text"].split())
-        at = min([i for w in re.findall(r"\w+", query.lower()) if (i := flat.lower().find(w)) >= 0]
-                 or [0])
-        lines += [f"{r['path']}:{r['start']}-{r['end']} ({r['score']:.2f})",
+        at = min([i for w in words if (i := flat.lower().find(w)) >= 0] or [0])
+        lines += [f"{printable(r['path'])}:{r['start']}-{r['end']} ({r['score']:.2f})",
                   f"  {'...' if at > 60 else ''}{flat[max(at - 60, 0):at + 200]}"]
     return "\n".join(lines) if results else f"nothing in memory matches {query!r}"
 
 
 def memory_get(path: str, start_line: int = 1, lines: int = 40) -> str:
-    """Lines of MEMORY.md or of a note in memory/, and of no other file."""
+    """Lines of MEMORY.md or of a note in memory/, and of no other file; read line by line,
+    so a large note costs no more memory than the lines asked for."""
     target = safe_path(path)
     if target.suffix != ".md" or (target != safe_path("MEMORY.md")
                                   and target.parent != safe_path("memory")):
         raise ToolError(f"{path}: memory_get reads MEMORY.md and memory/*.md only; "
                         "use read_file for other files")
-    text = read_text(target, path).splitlines()
-    first = max(start_line, 1)
-    last = min(first + max(lines, 1) - 1, len(text))
-    return truncate(f"{path}, lines {first}-{last} of {len(text)}:\n"
-                    + "\n".join(text[first - 1:last]))
+    first, kept, total = max(start_line, 1), [], 0
+    last = first + max(1, min(lines, 1_000)) - 1
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise ToolError(f"file not found: {path}")
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ToolError(f"{path} is not a regular file")
+        for total, line in enumerate(f, 1):
+            if first <= total <= last:
+                kept.append(line.decode("utf-8", errors="replace").rstrip("\r\n"))
+    return truncate(f"{path}, lines {first}-{min(last, total)} of {total}:\n" + "\n".join(kept))
 
 
 def flush_memory(client: anthropic.Anthropic, messages: list, out: TerminalOutput,
-                 agent: Agent) -> None:
+                 agent: Agent, prompt: Prompt | None = None) -> None:
     """A silent turn before a compaction: the model may save what must outlive the summary.
-    It runs on a copy of the history (the exchange is not kept) with the memory tools only;
-    its reply is shown only when it says more than NO_MEMORY."""
+    It runs on a copy of the history (the exchange is not kept), with the turn's system blocks
+    and the agent's tools, so it reads the cached prefix; only the memory tools run (another
+    call gets an error result), shown as notes. Its reply shows only if it says more than
+    NO_MEMORY."""
     allowed = [name for name in MEMORY_TOOLS if name in agent.tools]
     if "memory_write" not in allowed:
         return
-    view, tools = list(messages), [t for t in TOOLS if t["name"] in allowed]
+    system = (prompt or build_prompt(agent, out.channel_name, out.skill)).blocks()
+    view = list(messages)
     add_user_text(view, FLUSH_PROMPT)
     try:
         for _ in range(FLUSH_ROUNDS):
-            reply = client.messages.create(model=agent.model, max_tokens=1024, tools=tools,
-                                           system=SYSTEM_PROMPT, messages=view)
+            reply = client.messages.create(model=agent.model, max_tokens=1024, system=system,
+                                           tools=agent.tool_schemas(), messages=view,
+                                           cache_control=CACHE_BREAKPOINT)
             if reply.stop_reason != "tool_use":
                 break
-            results = [{"type": "tool_result", "tool_use_id": b.id, "content": text or "(none)",
-                        "is_error": error} for b in reply.content if b.type == "tool_use"
-                       for text, error in [run_tool(b.name, b.input, allowed=allowed)]]
+            results, _ = run_tool_calls(reply.content, out, allowed)
             view += [{"role": "assistant", "content": assistant_content(reply)},
                      {"role": "user", "content": results}]
     except anthropic.APIError as exc:
@@ -3791,7 +3943,8 @@ TOOLS = TOOLS + [
     {"name": "memory_write", "description": "Save a note for later (a fact, a decision, a "
      "preference): appended to today's file in memory/, found by memory_search.",
      "input_schema": {"type": "object", "required": ["text"], "properties": {"text": {
-         "type": "string", "description": "The note: short and self-contained."}}}},
+         "type": "string", "description": "The note: short and self-contained (at most "
+         f"{MAX_NOTE_CHARS:,} characters)."}}}},
     {"name": "memory_search", "description": "Search the notes (MEMORY.md, memory/) by words in "
      "any language, parts of words too. Gives file:lines (score) and a snippet for each.",
      "input_schema": {"type": "object", "properties": {
@@ -3802,17 +3955,22 @@ TOOLS = TOOLS + [
      "input_schema": {"type": "object", "properties": {
          "path": {"type": "string", "description": "MEMORY.md or memory/<name>.md."},
          "start_line": {"type": "integer", "description": "First line (default 1)."},
-         "lines": {"type": "integer", "description": "How many lines (default 40)."}},
+         "lines": {"type": "integer",
+                   "description": "How many lines (default 40, at most 1,000)."}},
          "required": ["path"]}},
 ]
 TOOL_HANDLERS = {"bash": bash, "read_file": read_file, "write_file": write_file,
                  "edit_file": edit_file, "list_dir": list_dir, "memory_write": memory_write,
                  "memory_search": memory_search, "memory_get": memory_get}
+if not SEARCH_OK:  # SQLite without the trigram tokenizer: no index, no search (main says so)
+    TOOLS = [tool for tool in TOOLS if tool["name"] != "memory_search"]
+    del TOOL_HANDLERS["memory_search"]
 DEFAULT_AGENT = Agent(AGENT_ID, "Claw", MODEL_ID, list(TOOL_HANDLERS))  # when a turn names none
 
 
 # --- [s06] Skills: an index in the prompt, the body on use --------------------
 SKILLS_DIR = WORKSPACE_DIR / "skills"
+FRONT_MATTER_BYTES = 6_000  # of a SKILL.md, the index reads its head only: the front matter
 
 
 @dataclass
@@ -3823,20 +3981,25 @@ class Skill:
 
 
 def front_matter(text: str) -> dict[str, str]:
-    """The `key: value` lines between the two `---` lines that open a SKILL.md."""
-    m = re.match(r"---\r?\n(.*?)\r?\n---\r?\n", text, flags=re.S)
+    """The `key: value` lines between the two `---` lines that open a SKILL.md (after a BOM)."""
+    m = re.match(r"\ufeff?---\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, flags=re.S)
     pairs = (line.partition(":") for line in m.group(1).splitlines()) if m else ()
     return {key.strip(): value.strip().strip("\"'") for key, colon, value in pairs if colon}
 
 
 def load_skills() -> tuple[dict[str, Skill], list[str]]:
     """The skills by name, and a sentence for each folder skipped (said once, not every turn).
-    A SKILL.md is read again only when it changes."""
+    A SKILL.md is read again only when it changes, and only its head."""
     skills, problems = {}, []
-    for folder in sorted(SKILLS_DIR.iterdir()) if SKILLS_DIR.is_dir() else []:
+    try:
+        folders = sorted(SKILLS_DIR.iterdir()) if SKILLS_DIR.is_dir() else []
+    except OSError as exc:
+        folders = []
+        problems.append(f"{SKILLS_DIR.name}/: it cannot be read ({exc.strerror})")
+    for folder in folders:
         path = f"skills/{folder.name}/SKILL.md"
-        text = read_workspace_text(path)
-        if text is None:
+        text = read_workspace_text(path, FRONT_MATTER_BYTES)
+        if not text:  # none, or unusable (said by read_workspace_text)
             continue
         meta = front_matter(text)
         if meta.get("name") != folder.name or not SAFE_ID.fullmatch(folder.name):
@@ -3862,9 +4025,12 @@ def skills_index(skills: dict[str, Skill]) -> str:
 
 
 def skill_for(line: str) -> Skill | None:
-    """The skill that "/<skill-name> [words]" starts, or None."""
+    """The skill that "/<skill-name> [words]" starts, or None. A command's name (/new, /help,
+    a chat's /start) is never a skill's."""
     words = line[1:].split(maxsplit=1) if line.startswith("/") else []
-    return load_skills()[0].get(words[0]) if words else None
+    if not words or f"/{words[0]}" in COMMANDS or words[0] == "start":
+        return None
+    return load_skills()[0].get(words[0])
 
 
 # --- [s06] Commands: soul, prompt, memory, search, skills ---------------------
@@ -3872,19 +4038,20 @@ def show_soul(repl: Repl, arg: str) -> None:
     for name in ("IDENTITY.md", "SOUL.md"):
         source, text = layer_source(repl.agent.id, name)
         whose = "this agent's own" if source.startswith("agents/") else "shared"
-        print(f"--- {source} ({whose})" if text else f"--- {name}: none")
+        print(f"--- {source} ({whose})" if text else f"--- {source}: none")
         print(printable(text.strip(), keep_lines=True))
 
 
 def show_prompt(repl: Repl, arg: str) -> None:
-    prompt, count = build_prompt(repl.agent, "terminal"), repl.guard.count
-    base, how = count([{"role": "user", "content": "."}])
+    prompt, guard = build_prompt(repl.agent, "terminal"), repl.guard
+    base, how = guard.count([{"role": "user", "content": "."}], repl.agent, prompt)
     print(f"The system prompt of agent {repl.agent.id} at the terminal (tokens {how}):")
     for layer in prompt.stable + [None] + prompt.volatile:
         if layer is None:
             print("  ---- cache breakpoint: the tools and all of the above are cached ----")
         elif layer.text or layer.cut:
-            tokens = count([{"role": "user", "content": layer.text or "."}])[0] - base
+            tokens = guard.count([{"role": "user", "content": layer.text or "."}], repl.agent,
+                                 prompt)[0] - base
             print(f"  {layer.name:<17} {printable(layer.source):<22} {len(layer.text):>7,} chars "
                   f"{tokens:>6,} tokens" + (f"  cut: {layer.cut}" if layer.cut else ""))
     cut = [layer.name for layer in prompt.stable if layer.cut]
@@ -3893,17 +4060,27 @@ def show_prompt(repl: Repl, arg: str) -> None:
 
 
 def show_memory(repl: Repl, arg: str) -> None:
-    rows = MEMORY.run(lambda db: MEMORY.refresh(db) or db.execute(
-        "SELECT path, count(*) FROM chunks GROUP BY path ORDER BY path").fetchall())
+    try:
+        if not SEARCH_OK:
+            raise ToolError(NO_SEARCH)
+        rows = MEMORY.run(lambda db: MEMORY.refresh(db) or db.execute(
+            "SELECT path, count(*) FROM chunks GROUP BY path ORDER BY path").fetchall())
+        size = MEMORY_INDEX_FILE.stat().st_size
+    except (ToolError, OSError) as exc:
+        return print(printable(str(exc)))
     for path, chunks in rows:
         print(f"  {printable(path):<24} {plural(chunks, 'chunk')}")
     print(f"Index {MEMORY_INDEX_FILE}: {plural(len(rows), 'file')}, "
-          f"{plural(sum(n for _, n in rows), 'chunk')}, {MEMORY_INDEX_FILE.stat().st_size:,} "
+          f"{plural(sum(n for _, n in rows), 'chunk')}, {size:,} "
           "bytes; brought up to date with the files now, and at every search")
 
 
 def search_memory(repl: Repl, arg: str) -> None:
-    print(printable(memory_search(arg), keep_lines=True) if arg else "Usage: /search <words>")
+    """As the tool searches, errors included: a line, never the end of the gateway."""
+    if not arg:
+        return print("Usage: /search <words>")
+    found = run_tool("memory_search", {"query": arg})[0] if SEARCH_OK else NO_SEARCH
+    print(printable(found, keep_lines=True))
 
 
 def show_skills(repl: Repl, arg: str) -> None:
@@ -4039,6 +4216,8 @@ def main() -> int:
     cut = ", ".join(layer.name for layer in stable if layer.cut) or "nothing"
     print(f"Prompt: {sum(len(layer.text) for layer in stable):,} characters before the cache "
           f"breakpoint; cut to fit: {cut} (/prompt shows each layer)")
+    if not SEARCH_OK:
+        print(f"Memory: {NO_SEARCH}")
     repl = Repl(client, bus.store_for(terminal.agent.id).resume(), guard, bus, terminal.agent)
     print(session_line(repl.session, "resumed" if repl.session.messages else "new"))
     print("Type a message, /help for commands, quit to leave.")
