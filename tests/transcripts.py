@@ -189,4 +189,57 @@ TRANSCRIPTS = {
             ),
         ],
     },
+    "s07": {
+        "env": {"TZ": "UTC"},  # times are shown in the machine's zone: the same one everywhere
+        "files": {
+            "workspace/CRON.json": """{
+  "jobs": [
+    {
+      "id": "water",
+      "description": "Every 2 seconds, to watch the timer work. A system event: no model call.",
+      "enabled": false,
+      "schedule": {"kind": "every", "seconds": 2},
+      "payload": {"kind": "system_event", "text": "Drink some water."},
+      "deliver": {"channel": "terminal"}
+    }
+  ]
+}
+""",
+            "workspace/HEARTBEAT.md": (
+                "# Heartbeat checklist\n\n- If a reminder is due within the hour, say so.\n"
+            ),
+        },
+        "runs": [
+            [
+                "/new reminders",  # a short conversation of its own (s06's stays on disk)
+                "/cron",
+                "/cron enable water",
+                ("wait", "Drink some water."),  # the timer ran it (every 2 s from now on)
+                "/cron disable water",
+                "/cron",
+                "Remind me in 20 minutes to call Ada.",
+                "/cron",
+                "/cron run call-ada",  # by hand, now: what it would say in 20 minutes
+                ("wait", "[cron:call-ada] Call Ada."),
+                "/heartbeat",
+                "/trigger",
+                ("wait", "[heartbeat] HEARTBEAT_OK"),
+                "/heartbeat",
+                "quit",
+            ]
+        ],
+        "steps": [
+            reply(
+                tools=[
+                    tool_use(
+                        "cron_add",
+                        {"kind": "at", "in_seconds": 1200, "message": "Call Ada."},
+                        "toolu_07",
+                    )
+                ]
+            ),
+            reply("Done: in 20 minutes I will remind you to call Ada."),
+            reply("HEARTBEAT_OK"),
+        ],
+    },
 }
