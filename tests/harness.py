@@ -91,6 +91,9 @@ SDK_VARS = (
 def section_env_values(workspace: Path, base_url: str | None, **extra: str) -> dict[str, str]:
     """The variables a test run sets: all of .env.example (blank), then ours."""
     values = {name: "" for name in env_example_names()}
+    # More keys (s09): numbered, so .env.example names them in prose; a shell's are blanked too.
+    values.update({f"{name}_{n}": "" for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+                   for n in range(2, 10)})
     # GATEWAY_PORT 0: each run's gateway (s05 on) takes a free port: parallel tests never collide.
     values.update(
         {
@@ -175,13 +178,21 @@ def copy_workspace(dest: Path) -> Path:
     return dest
 
 
+_compiled: dict[Path, tuple[tuple[int, int], object]] = {}  # path -> ((mtime_ns, size), code)
+
+
 def load_section(path: Path):
-    """Import a section file as a new module (its configuration is read now)."""
+    """Import a section file as a new module (its configuration is read now). The source is
+    compiled once per test process (no __pycache__ is written), then run afresh each time."""
+    info = path.stat()
+    key = (info.st_mtime_ns, info.st_size)
+    if _compiled.get(path, (None,))[0] != key:
+        _compiled[path] = (key, compile(path.read_bytes(), str(path), "exec", dont_inherit=True))
     name = f"section_{path.stem}_{next(_module_ids)}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    exec(_compiled[path][1], module.__dict__)
     return module
 
 
@@ -235,42 +246,78 @@ def run_section(
 
 
 class WarmProcess:
-    """tests/warm.py, started once per test worker; run() forks it for each section run."""
+    """tests/warm.py, started once per test worker (or per make_transcript run); each run is
+    a fork of it. start() hands it a run and returns the child's pid; finish() waits for the
+    exit status. One run at a time: start() takes the lock, finish() gives it back."""
 
     def __init__(self):
         self.proc = None
         self.lock = threading.Lock()
+        self.buffer, self.status = b"", None
 
-    def run(self, path: Path, stdin: str, env: dict, cwd: Path, timeout: float):
-        with self.lock, tempfile.TemporaryDirectory() as tmp:
-            files = {name: Path(tmp) / name for name in ("stdin", "stdout", "stderr")}
-            files["stdin"].write_text(stdin, encoding="utf-8")
-            for name in ("stdout", "stderr"):
-                files[name].touch()
+    def line(self, timeout: float | None) -> dict | None:
+        """The warm process's next JSON line, or None when none comes within `timeout`."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            if not select.select([fd], [], [], timeout)[0]:
+                return None
+            piece = os.read(fd, 4096)
+            if not piece:
+                raise RuntimeError("tests/warm.py ended")
+            self.buffer += piece
+        text, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(text)
+
+    def start(self, path: Path, env: dict, cwd: Path, files: dict) -> int:
+        self.lock.acquire()
+        try:
             if self.proc is None or self.proc.poll() is not None:
                 clean = {k: v for k, v in os.environ.items() if k not in SDK_VARS}
                 self.proc = subprocess.Popen(
                     [sys.executable, str(REPO / "tests" / "warm.py")],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
-                    text=True,
                     env=clean,
                     cwd=str(REPO),
                 )
-            job = {
-                "path": str(path),
-                "env": env,
-                "cwd": str(cwd),
-                **{name: str(file) for name, file in files.items()},
-            }
-            self.proc.stdin.write(json.dumps(job) + "\n")
+                self.buffer = b""
+            job = {"path": str(path), "env": env, "cwd": str(cwd)}
+            job.update({name: str(file) for name, file in files.items()})
+            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
             self.proc.stdin.flush()
-            pid = json.loads(self.proc.stdout.readline())["pid"]
-            if not select.select([self.proc.stdout], [], [], timeout)[0]:
-                os.kill(pid, signal.SIGKILL)  # a hung section: its status line follows
-                self.proc.stdout.readline()
-                raise subprocess.TimeoutExpired(str(path), timeout)
-            code = json.loads(self.proc.stdout.readline())["status"]
+            self.status = None
+            return self.line(None)["pid"]
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def poll(self) -> int | None:
+        """The exit status if the run has ended, else None (never waits)."""
+        if self.status is None:
+            done = self.line(0)
+            self.status = None if done is None else done["status"]
+        return self.status
+
+    def finish(self, pid: int, timeout: float) -> int:
+        try:
+            if self.poll() is None:
+                done = self.line(timeout)
+                if done is None:
+                    os.kill(pid, signal.SIGKILL)  # a hung section: its status line follows
+                    self.line(None)
+                    raise subprocess.TimeoutExpired(str(pid), timeout)
+                self.status = done["status"]
+            return self.status
+        finally:
+            self.lock.release()
+
+    def run(self, path: Path, stdin: str, env: dict, cwd: Path, timeout: float):
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {name: Path(tmp) / name for name in ("stdin", "stdout", "stderr")}
+            files["stdin"].write_text(stdin, encoding="utf-8")
+            for name in ("stdout", "stderr"):
+                files[name].touch()
+            code = self.finish(self.start(path, env, cwd, files), timeout)
             return (
                 code,
                 files["stdout"].read_text(encoding="utf-8"),

@@ -16,6 +16,8 @@ fake Bot API, and the Try it shows that chat's terminal as a block of its own.
 
 from __future__ import annotations
 
+import codecs
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,7 +38,7 @@ from fake_telegram import (  # noqa: E402
     FakeTelegram,
     TelegramUser,
 )
-from harness import PROMPTS, REPO, copy_workspace, isolated_env, section_files  # noqa: E402
+from harness import PROMPTS, REPO, WARM, copy_workspace, isolated_env, section_files  # noqa: E402
 from transcripts import (  # noqa: E402
     SHOWN_BASE_URL,
     SHOWN_GATEWAY_PORT,
@@ -49,22 +52,75 @@ from transcripts import (  # noqa: E402
 SHOWN_PORTS: dict[int, int] = {}  # a fake's port in this run -> the one a learner has
 
 
+class WarmChild:
+    """A section forked from the warm process (tests/harness.py's WARM: the libraries are
+    imported once, not once a run), with what a Popen offers here: stdin is a FIFO that is
+    written line by line; stdout and stderr are files, read as they grow."""
+
+    def __init__(self, path: Path, env: dict, cwd: Path):
+        self.folder = tempfile.TemporaryDirectory()
+        files = {name: Path(self.folder.name) / name for name in ("stdin", "stdout", "stderr")}
+        os.mkfifo(files["stdin"])
+        files["stdout"].touch()
+        files["stderr"].touch()
+        # Read and write: opening does not wait for the child, and closing it is its EOF.
+        self.stdin = open(os.open(files["stdin"], os.O_RDWR), "w", encoding="utf-8", buffering=1)
+        self.stdout = self  # read(1) below
+        self.out_file = open(files["stdout"], "rb")
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.stderr = SimpleNamespace(read=lambda: files["stderr"].read_text(encoding="utf-8"))
+        self.pending, self.code, self.finished, self.lock = "", None, False, threading.Lock()
+        self.pid = WARM.start(path, env, cwd, files)
+
+    def read(self, _size: int = 1) -> str:
+        """The next character of the section's output, or "" once it has ended."""
+        while not self.pending:
+            piece = self.out_file.read(4096)
+            if piece:
+                self.pending = self.decoder.decode(piece)
+            elif self.code is not None or self.poll() is not None:
+                self.pending = self.decoder.decode(self.out_file.read(), final=True)
+                if not self.pending:
+                    return ""
+            else:
+                time.sleep(0.005)
+        char, self.pending = self.pending[0], self.pending[1:]
+        return char
+
+    def poll(self) -> int | None:
+        with self.lock:
+            if self.code is None and not self.finished:
+                self.code = WARM.poll()
+        return self.code
+
+    def wait(self, timeout: float) -> int:
+        """The exit status; this also lets the warm process take its next run."""
+        with self.lock:
+            if not self.finished:
+                self.finished = True
+                self.code = WARM.finish(self.pid, timeout)
+        return self.code
+
+
 class Section:
     """A section running as a learner runs it, typed at line by line: each line is sent
     when the section waits at a prompt, so the transcript puts it where a terminal would."""
 
     def __init__(self, path: Path, env: dict, cwd: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(cwd),
-            text=True,
-            encoding="utf-8",
-            bufsize=0,
-        )
+        if os.environ.get("WARM_RUNS") != "0":
+            self.proc = WarmChild(path, env, cwd)
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=str(cwd),
+                text=True,
+                encoding="utf-8",
+                bufsize=0,
+            )
         self.out, self.typed, self.changed = "", [], threading.Condition()
         self.reader = threading.Thread(target=self.read, daemon=True)
         self.reader.start()

@@ -155,6 +155,17 @@ def test_max_tokens_is_reported_as_cut_off(path, load, fake_api, monkeypatch, ca
 
 
 @pytest.mark.parametrize("path", SECTIONS, ids=ids)
+@pytest.mark.parametrize("setting", ["8k", "0", "nan", "-3"])
+def test_a_setting_that_is_not_a_number_is_a_sentence(path, load, capsys, setting):
+    with pytest.raises(SystemExit) as stop:
+        load(path, MAX_TOKENS=setting)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"MAX_TOKENS={setting!r} in .env or the environment: expected a whole number of at "
+        "least 1 (the default is 8192).\n")
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=ids)
 def test_refusal_drops_the_turn(path, load, fake_api, monkeypatch, capsys):
     fake_api.script(reply("I can't help with that.", stop_reason="refusal"), reply("Fine."))
     code, out = drive_repl(load(path), ["something bad", "something good"], monkeypatch, capsys)

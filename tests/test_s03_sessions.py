@@ -173,11 +173,19 @@ def test_corrupt_and_torn_lines_are_skipped_with_a_warning(path, load, capsys):
     assert reopened.messages == session.messages[:2]
     assert f"{file.name}:3: skipped a corrupt" in out and f"{file.name}:5: skipped a corrupt" in out
     assert f"{file.name}:4: skipped a record of unknown shape" in out
-    # the next append starts on a fresh line: the torn fragment cannot swallow it
-    reopened.messages.append({"role": "user", "content": "four"})
-    reopened.save()
+    # Said once: the file is rewritten from what could be read, the original kept beside it.
+    assert "rewritten from what could be read" in out
+    (kept,) = file.parent.glob(f"{session.id}.damaged-*.bak")
+    assert "this is not json" in kept.read_text() and (kept.stat().st_mode & 0o777) == 0o600
     again = main_store(mod).open(session.id)
-    assert again.messages[-1] == {"role": "user", "content": "four"}
+    assert again.messages == session.messages[:2] and "skipped" not in capsys.readouterr().out
+    assert [s[0] for s in main_store(mod).listing()].count(session.id) == 1  # .bak not listed
+    # A crash tears a line while the session stays open: the next append starts a fresh line.
+    with open(file, "a") as f:
+        f.write('{"type": "message", "message": {"role": "user", "content": "thr')
+    again.messages.append({"role": "user", "content": "four"})
+    again.save()
+    assert main_store(mod).open(session.id).messages[-1] == {"role": "user", "content": "four"}
 
 
 def test_unanswered_tool_use_at_the_end_is_repaired(path, load, capsys):
@@ -383,6 +391,17 @@ def test_threshold_compacts_before_the_turn(path, load, fake_api, monkeypatch, c
     assert_valid_history(sent)
     assert sent[0]["content"][0]["text"].startswith(mod.SUMMARY_PREFIX)
     assert sent[-1]["content"] == "one more"
+    assert "still about" not in out
+
+
+def test_a_turn_still_over_the_limit_after_compacting_says_so(path, load, fake_api, capsys):
+    mod = load(path, CONTEXT_WINDOW="20000", COMPACT_THRESHOLD="0.5")
+    session = main_store(mod).create()
+    big_history(mod, session)
+    fake_api.script(reply("Summary: twelve questions."), reply("Answered anyway."))
+    mod.agent_turn(mod.make_client(), session, "x" * 40_000)  # alone past the 10,000-token limit
+    out = capsys.readouterr().out
+    assert "[context] compacting" in out and "the last exchange alone passes the limit" in out
 
 
 def test_overflow_error_compacts_and_retries_once(path, load, fake_api, capsys):
@@ -453,7 +472,7 @@ def test_rate_limit_is_not_mistaken_for_an_overflow(path, load, fake_api, capsys
 
 def test_compact_command_on_an_empty_session_says_so(path, load, fake_api, monkeypatch, capsys):
     code, out = drive_repl(load(path), ["/compact"], monkeypatch, capsys)
-    assert "nothing to compact yet (it keeps your last 4 messages)" in out
+    assert "nothing to compact yet (it keeps your last 4 exchanges)" in out
     assert fake_api.requests == []
 
 

@@ -898,5 +898,7 @@ def test_small_things_names_front_matter_and_new_from_a_chat(
         tg.stop()
     assert tg.sent[0]["text"] == "Started a new conversation." and fake_api.requests == []
     assert "memory/odd\\nname.md:1-3" in out  # one line, the newline shown as \n
-    assert {"bom", "end", "new"} <= set(mod.load_skills()[0])
+    skills, problems = mod.load_skills()
+    assert {"bom", "end"} <= set(skills) and "new" not in skills  # never listed, never runs
+    assert any("/new is a command's name" in problem for problem in problems)
     assert mod.skill_for("/new words") is None and mod.skill_for("/bom words").name == "bom"

@@ -7,7 +7,7 @@ what the reply means. If the call fails, the turn is taken back out so the
 list stays one the API accepts.
 
 New here:
-  [s01] Configuration — dim, make_client
+  [s01] Configuration — number_setting, dim, make_client
   [s01] Errors, by type — describe_api_error
   [s01] The agent loop — printable, stream_reply, print_usage, agent_turn
   [s01] The REPL: one table of commands — Repl, show_help, run_command, main
@@ -36,11 +36,30 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
+
+def number_setting(name: str, default: int | float, lowest: float = 1,
+                   highest: float = float("inf")) -> int | float:
+    """A number from .env or the environment, of the default's type, from lowest to highest.
+    Anything else ends the program with a sentence and exit status 2, not a traceback."""
+    text = os.getenv(name) or str(default)
+    try:
+        value = type(default)(text)
+        if lowest <= value <= highest:  # also false for nan
+            return value
+    except ValueError:
+        pass
+    kind = "a whole number" if isinstance(default, int) else "a number"
+    top = "" if highest == float("inf") else f" and at most {highest}"
+    print(f"{name}={text!r} in .env or the environment: expected {kind} of at least {lowest}"
+          f"{top} (the default is {default}).", file=sys.stderr)
+    sys.exit(2)
+
+
 SECTION = "s01 Agent loop"
 MODEL_ID = os.getenv("MODEL_ID") or "claude-sonnet-5-5"
 API_KEY = os.getenv("ANTHROPIC_API_KEY") or ""
 BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
-MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
+MAX_TOKENS = number_setting("MAX_TOKENS", 8192)
 SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
 SYSTEM_PROMPT = "You are a helpful assistant talking to one person in a terminal. Be concise."
 

@@ -62,17 +62,36 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
+
+def number_setting(name: str, default: int | float, lowest: float = 1,
+                   highest: float = float("inf")) -> int | float:
+    """A number from .env or the environment, of the default's type, from lowest to highest.
+    Anything else ends the program with a sentence and exit status 2, not a traceback."""
+    text = os.getenv(name) or str(default)
+    try:
+        value = type(default)(text)
+        if lowest <= value <= highest:  # also false for nan
+            return value
+    except ValueError:
+        pass
+    kind = "a whole number" if isinstance(default, int) else "a number"
+    top = "" if highest == float("inf") else f" and at most {highest}"
+    print(f"{name}={text!r} in .env or the environment: expected {kind} of at least {lowest}"
+          f"{top} (the default is {default}).", file=sys.stderr)
+    sys.exit(2)
+
+
 SECTION = "s02 Tool use"
 MODEL_ID = os.getenv("MODEL_ID") or "claude-sonnet-5-5"
 API_KEY = os.getenv("ANTHROPIC_API_KEY") or ""
 BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
-MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
+MAX_TOKENS = number_setting("MAX_TOKENS", 8192)
 SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
 WORKSPACE_DIR = Path(os.getenv("WORKSPACE_DIR") or REPO_ROOT / "workspace").resolve()
 # The gateway's own files (approvals, sessions, tokens...): never inside the workspace.
 STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
-BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
+BASH_TIMEOUT = number_setting("BASH_TIMEOUT", 30.0, 0.1, 300)
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
 MAX_TOOL_OUTPUT = 20_000    # characters (or bytes) of one tool result; longer: the middle is cut
 SYSTEM_PROMPT = ("You are a helpful assistant talking to one person in a terminal. Be concise. "

@@ -82,23 +82,42 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
+
+def number_setting(name: str, default: int | float, lowest: float = 1,
+                   highest: float = float("inf")) -> int | float:
+    """A number from .env or the environment, of the default's type, from lowest to highest.
+    Anything else ends the program with a sentence and exit status 2, not a traceback."""
+    text = os.getenv(name) or str(default)
+    try:
+        value = type(default)(text)
+        if lowest <= value <= highest:  # also false for nan
+            return value
+    except ValueError:
+        pass
+    kind = "a whole number" if isinstance(default, int) else "a number"
+    top = "" if highest == float("inf") else f" and at most {highest}"
+    print(f"{name}={text!r} in .env or the environment: expected {kind} of at least {lowest}"
+          f"{top} (the default is {default}).", file=sys.stderr)
+    sys.exit(2)
+
+
 SECTION = "s04 Channels"
 MODEL_ID = os.getenv("MODEL_ID") or "claude-sonnet-5-5"
 API_KEY = os.getenv("ANTHROPIC_API_KEY") or ""
 BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
-MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
+MAX_TOKENS = number_setting("MAX_TOKENS", 8192)
 SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
 WORKSPACE_DIR = Path(os.getenv("WORKSPACE_DIR") or REPO_ROOT / "workspace").resolve()
 # The gateway's own files (approvals, sessions, tokens...): never inside the workspace.
 STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
-BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
+BASH_TIMEOUT = number_setting("BASH_TIMEOUT", 30.0, 0.1, 300)
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
 MAX_TOOL_OUTPUT = 20_000    # characters (or bytes) of one tool result; longer: the middle is cut
 AGENT_ID = "main"
 SESSIONS_ROOT = STATE_DIR / "sessions"  # one folder per agent: sessions/<agent id>/
-CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens the model reads at once
-COMPACT_THRESHOLD = float(os.getenv("COMPACT_THRESHOLD") or "0.75")  # compact past this share
+CONTEXT_WINDOW = number_setting("CONTEXT_WINDOW", 1_000_000, 100)  # tokens the model reads at once
+COMPACT_THRESHOLD = number_setting("COMPACT_THRESHOLD", 0.75, 0.1, 0.95)  # compact past this share
 SYSTEM_PROMPT = ("You are a helpful assistant that people reach from a terminal or a chat app. "
                  "Be concise. "
                  "You have tools to read and change files in your workspace (a folder on this "
@@ -1258,7 +1277,7 @@ class SessionStore:
         return self.open(current) if current else self.create()
 
     def replay(self, session_id: str) -> list:
-        path, messages = self.path(session_id), []
+        path, messages, damaged = self.path(session_id), [], False
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -1268,6 +1287,7 @@ class SessionStore:
                     kind = record["type"]
                 except (ValueError, KeyError, TypeError, RecursionError):
                     log(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line")
+                    damaged = True
                     continue
                 message = clean_message(record.get("message")) if kind == "message" else None
                 if message:
@@ -1276,10 +1296,28 @@ class SessionStore:
                     messages = [m for m in map(clean_message, record["messages"]) if m]
                 else:
                     log(f"[sessions] {path.name}:{number}: skipped a record of unknown shape")
+                    damaged = True
         messages, notes = repair_history(messages)
         for problem in notes:
             log(f"[sessions] {path.name}: {problem}")
+        if damaged or notes:
+            self.rewrite_repaired(path, messages)
         return messages
+
+    def rewrite_repaired(self, path: Path, messages: list) -> None:
+        """Said once, not at every start: the file becomes one snapshot of what could be
+        read, and the original is kept beside it (not a .jsonl, so never listed)."""
+        kept = path.with_name(f"{path.stem}.damaged-{secrets.token_hex(3)}.bak")
+        try:
+            shutil.copyfile(path, kept)
+            os.chmod(kept, 0o600)
+            write_atomic(path, json.dumps({"type": "snapshot", "ts": now_iso(), "reason": "repair",
+                                           "messages": messages}, ensure_ascii=False) + "\n")
+            log(f"[sessions] {path.name}: rewritten from what could be read; the original "
+                f"is kept as {kept.name}")
+        except OSError as exc:
+            log(f"[sessions] {path.name}: not rewritten ({exc.strerror}); the same lines "
+                "will be skipped next time")
 
     def append(self, session_id: str, records: list) -> None:
         """Append records, one JSON object a line, and fsync: a crash tears at most the last."""
@@ -1472,8 +1510,17 @@ class ContextGuard:
             add_user_text(probe, user_text)
             tokens, _ = self.count(probe)
         if tokens > self.limit:
-            self.compact(session, f"{tokens:,} tokens is over the limit of {self.limit:,}",
-                         out=out)
+            if self.compact(session, f"{tokens:,} tokens is over the limit of {self.limit:,}",
+                            out=out):
+                self.still_over(session, user_text, out.note)
+
+    def still_over(self, session: Session, user_text: str, say) -> None:
+        """After a compaction: if the turn that is kept, with the new words, is itself past the
+        limit, say so (the API may refuse the turn) instead of staying silent."""
+        left = self.estimate(session, user_text)
+        if left > self.limit:
+            say(f"[context] still about {left:,} tokens after compacting: the last exchange "
+                "alone passes the limit, and the API may refuse it (/new starts afresh)")
 
     def cut_point(self, messages: list, keep_exchanges: int | None = None) -> int | None:
         """Where the kept part starts: at the start of one of the person's turns. Asked
@@ -1498,7 +1545,8 @@ class ContextGuard:
         messages = session.messages
         cut = self.cut_point(messages, keep_exchanges)
         if cut is None:
-            kept = f" (it keeps your last {keep_exchanges} messages)" if keep_exchanges else ""
+            kept = (f" (it keeps your last {plural(keep_exchanges, 'exchange')})"
+                    if keep_exchanges else "")
             out.note(f"[context] nothing to compact yet{kept}")
             return False
         out.note(f"[context] compacting ({why}): summarizing {plural(cut, 'older message')}")
@@ -1915,7 +1963,7 @@ class TelegramChannel(Channel):
 FEISHU_APP_ID = os.getenv("FEISHU_APP_ID") or ""
 FEISHU_APP_SECRET = os.getenv("FEISHU_APP_SECRET") or ""
 FEISHU_VERIFICATION_TOKEN = os.getenv("FEISHU_VERIFICATION_TOKEN") or ""
-FEISHU_WEBHOOK_PORT = int(os.getenv("FEISHU_WEBHOOK_PORT") or "18790")
+FEISHU_WEBHOOK_PORT = number_setting("FEISHU_WEBHOOK_PORT", 18790, 0, 65535)
 FEISHU_DOMAIN = os.getenv("FEISHU_DOMAIN") or "feishu"  # "lark": Feishu's international edition
 FEISHU_API_BASE = (os.getenv("FEISHU_API_BASE") or "").rstrip("/")
 FEISHU_ALLOW_FROM = allow_list(os.getenv("FEISHU_ALLOW_FROM"))  # open_ids; others must pair
@@ -2217,7 +2265,7 @@ class Pairing:
 
 
 # --- [s04] Approvals for remote chats -----------------------------------------
-APPROVAL_TIMEOUT = float(os.getenv("APPROVAL_TIMEOUT") or "120")  # seconds to wait for /approve
+APPROVAL_TIMEOUT = number_setting("APPROVAL_TIMEOUT", 120.0, 0.1)  # seconds to wait for /approve
 
 
 class ApprovalQueue:
