@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 import time
 from itertools import count
@@ -849,9 +850,54 @@ def split_words(text: str) -> list[str]:
     return parts or [""]
 
 
-if __name__ == "__main__":  # run by hand: python tests/fake_anthropic.py
-    api = FakeAnthropic().start()
-    print(f"fake Messages API on {api.base_url} (echoes what you say); Ctrl-C to stop")
+LEARNER_PORT = 18780  # fixed, so the .env lines printed at start stay true between runs
+
+
+def learner_reply(body: dict) -> dict:
+    """What the fake says when run by hand, to learners without a key. It echoes, with three
+    extras, so every section's idea can be seen: "!tool name {json}" makes it call that tool;
+    a tool's result is answered with its first line; a summary request (compaction) gets a
+    short summary."""
+    messages = body.get("messages") or [{}]
+    last = messages[-1].get("content")
+    results = [b for b in as_blocks(last) if b.get("type") == "tool_result"]
+    if results:
+        content = results[0].get("content")
+        text = content if isinstance(content, str) else " ".join(
+            b.get("text", "") for b in as_blocks(content))
+        first = (text.strip().splitlines() or ["(empty)"])[0][:200]
+        return reply(f"(fake) the tool said: {first}")
+    system = body.get("system")
+    system = system if isinstance(system, str) else " ".join(
+        b.get("text", "") for b in as_blocks(system))
+    said = last_user_text(body)
+    if "summar" in system.lower() and len(messages) == 1:
+        return reply(f"(fake) A summary: the person and the assistant talked; {len(said):,} "
+                     "characters of it are summarized here.")
+    if said.startswith("!tool "):
+        name, _, raw = said[len("!tool "):].strip().partition(" ")
+        try:
+            arguments = json.loads(raw or "{}")
+        except ValueError:
+            return reply(f"(fake) not JSON after the tool name: {raw!r}")
+        return reply(f"(fake) calling {name}.", tools=[tool_use(name, arguments)])
+    return default_reply(body)
+
+
+if __name__ == "__main__":  # run by hand: python tests/fake_anthropic.py [port]
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else LEARNER_PORT
+    api = FakeAnthropic(port)
+    api.default = learner_reply
+    try:
+        api.start()
+    except OSError as exc:
+        sys.exit(f"port {port} is taken ({exc.strerror}): give another, "
+                 "python tests/fake_anthropic.py 18781")
+    print(f"A fake Messages API on {api.base_url}: it echoes what you say, and calls a tool\n"
+          'when you type  !tool read_file {"path": "SOUL.md"}  (any tool and JSON input).\n'
+          "To use it, put these two lines in .env (and take them out for the real API):\n"
+          f"  ANTHROPIC_BASE_URL={api.base_url}\n  ANTHROPIC_API_KEY=fake\n"
+          "Ctrl-C stops it.", flush=True)
     try:
         while True:
             time.sleep(1)

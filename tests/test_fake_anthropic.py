@@ -495,3 +495,58 @@ def test_scripted_errors_still_answer(fake_api):
     fake_api.script(error(429, "rate_limit_error", "Slow down"))
     with pytest.raises(anthropic.RateLimitError):
         usage_of(fake_api, messages=[USER])
+
+
+def test_the_learners_fake_calls_a_tool_answers_its_result_and_summarizes():
+    """Run by hand (python tests/fake_anthropic.py), the fake lets a learner without a key
+    see tools and compaction work: "!tool name {json}" calls that tool."""
+    from fake_anthropic import FakeAnthropic, learner_reply
+
+    api = FakeAnthropic()
+    api.default = learner_reply
+    api.start()
+    try:
+        client = anthropic.Anthropic(base_url=api.base_url, api_key="fake", max_retries=0)
+        tools = [{"name": "read_file", "input_schema": {"type": "object"}}]
+        history = [{"role": "user", "content": '!tool read_file {"path": "SOUL.md"}'}]
+        first = client.messages.create(model="m", max_tokens=100, tools=tools, messages=history)
+        call = first.content[-1]
+        assert first.stop_reason == "tool_use" and call.name == "read_file"
+        assert call.input == {"path": "SOUL.md"}
+        history += [
+            {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": call.id, "content": "# Soul\nkind"}]},
+        ]
+        second = client.messages.create(model="m", max_tokens=100, tools=tools, messages=history)
+        assert second.content[0].text == "(fake) the tool said: # Soul"
+        summary = client.messages.create(
+            model="m", max_tokens=100, system="Summarize this conversation.",
+            messages=[{"role": "user", "content": "a long talk"}])
+        assert summary.content[0].text.startswith("(fake) A summary:")
+        plain = client.messages.create(
+            model="m", max_tokens=100, messages=[{"role": "user", "content": "hello"}])
+        assert plain.content[0].text == "(fake) you said: hello"
+    finally:
+        api.stop()
+
+
+def test_run_by_hand_the_fake_prints_the_env_lines_to_use(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).parent / "fake_anthropic.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(6)]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert f"  ANTHROPIC_BASE_URL=http://127.0.0.1:{port}\n" in lines
+    assert "  ANTHROPIC_API_KEY=fake\n" in lines
