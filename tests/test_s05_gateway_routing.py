@@ -25,6 +25,8 @@ from harness import (
     Screen,
     assert_valid_history,
     drive_repl,
+    main_store,
+    section_files,
     section_id,
     sections_from,
     wait_for,
@@ -1209,3 +1211,20 @@ def test_a_tool_a_later_section_added_is_left_out_here_not_refused(path, load, f
     assert code == 0 and "tool_from_the_future unknown here; left out" in out
     assert "tools read_file" in out
     assert "tool_from_the_future" in gateway_config(workspace)["agents"][0]["tools"]
+
+
+def test_a_chat_kept_by_s04_is_the_same_chat_here_and_back(path, load):
+    """s04 keys a chat "telegram:direct:42"; from s05 on its key is
+    "agent:main:telegram:direct:42". A learner who talked on Telegram in s04 and runs this
+    section (or goes back) finds the same conversation."""
+    s04 = load(section_files()[3])
+    assert s04.SECTION.startswith("s04")
+    old = main_store(s04).for_key("telegram:direct:42")
+    old.messages += [{"role": "user", "content": "my cat is Tom"},
+                     {"role": "assistant", "content": [{"type": "text", "text": "Hi Tom."}]}]
+    old.save()
+    mod = load(path)
+    here = main_store(mod).for_key("agent:main:telegram:direct:42")
+    assert here.id == old.id and here.messages == old.messages
+    newer = main_store(mod).for_key("agent:main:feishu:direct:ou_7")  # made here first
+    assert main_store(load(section_files()[3])).for_key("feishu:direct:ou_7").id == newer.id

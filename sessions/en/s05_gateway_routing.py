@@ -1248,7 +1248,11 @@ class SessionStore:
         with self.lock:
             if key in self.by_key and not fresh:
                 return self.by_key[key]
-            session_id = self.index["keys"].get(key)
+            keys = self.index["keys"]
+            # s04 names a chat "telegram:direct:42", s05 on "agent:main:telegram:direct:42":
+            # each finds the chat the other one kept, so going back and forth loses nothing.
+            session_id = (keys.get(key) or keys.get(f"agent:{AGENT_ID}:{key}")
+                          or keys.get(key.removeprefix(f"agent:{AGENT_ID}:")))
             if fresh or session_id is None or not self.path(session_id).exists():
                 session = self.create(key, key=key)
             else:
