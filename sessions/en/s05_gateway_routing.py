@@ -3405,10 +3405,12 @@ class Repl:
 
 
 def show_help(repl: Repl, arg: str) -> None:
+    usage = {name: f"{name} {args}".strip() for name, (_, args, _) in COMMANDS.items()}
+    width = max(len("quit, exit"), *map(len, usage.values()))  # the table's, as it grows
     print("Commands:")
-    for name, (_, args, text) in COMMANDS.items():
-        print(f"  {f'{name} {args}'.strip():<14} {text}")
-    print("  quit, exit     leave (Ctrl-D and Ctrl-C work too)")
+    for name, (_, _, text) in COMMANDS.items():
+        print(f"  {usage[name]:<{width}}  {text}")
+    print(f"  {'quit, exit':<{width}}  leave (Ctrl-D and Ctrl-C work too)")
     print("Anything else is sent to the model.")
 
 
