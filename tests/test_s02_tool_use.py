@@ -312,7 +312,8 @@ def test_end_of_input_at_the_prompt_is_a_deny(path, load, monkeypatch, workspace
     assert is_error and not (workspace / "eof.txt").exists()
 
 
-def test_always_is_stored_and_honoured_after_a_restart(path, load, monkeypatch, workspace):
+def test_always_is_stored_and_honoured_after_a_restart(path, load, monkeypatch, workspace,
+                                                       capsys):
     mod = load(path)
     answers(monkeypatch, "a")
     text, is_error = mod.run_tool("bash", {"command": "mkdir -p build/one"})
@@ -327,8 +328,10 @@ def test_always_is_stored_and_honoured_after_a_restart(path, load, monkeypatch, 
     (workspace / "build/one").rmdir()
     restarted = load(path)  # a new process would read the same file
     asked = answers(monkeypatch)
+    capsys.readouterr()
     text, is_error = restarted.run_tool("bash", {"command": "mkdir -p build/one"})
     assert not is_error and asked == [] and (workspace / "build/one").is_dir()
+    assert "(runs without asking: you answered 'always'" in capsys.readouterr().out
     # it stored that exact command: another one asks, and so does the same one with more after it
     for other in ["mkdir -p build/two", "mkdir -p build/one; rm -r build"]:
         asked = answers(monkeypatch, "d")

@@ -871,6 +871,9 @@ def ask_person(command: str) -> str:
         except EOFError:
             print()
             return "deny"
+        except KeyboardInterrupt:
+            print()  # the ^C stays on the prompt's line; what the turn says next starts below
+            raise
         if answer in ANSWERS:
             return ANSWERS[answer]
         print("  Please answer o (run it once), a (always) or d (deny).")
@@ -890,6 +893,7 @@ def check_command(command: str, approve) -> None:
 def approve_at_terminal(command: str) -> None:
     """The person at the terminal decides: a stored "always", or the prompt."""
     if is_always_approved(command, "terminal"):
+        print(dim("  (runs without asking: you answered 'always' for this exact command)"))
         return
     answer = ask_person(command)
     if answer == "always":
