@@ -16,12 +16,13 @@ CONVENTIONS = {"NO_COLOR"}
 
 
 def variables_read(path) -> set[str]:
-    """Names passed to os.getenv / os.environ.get / os.environ[...] in a section file."""
+    """Names passed to os.getenv / os.environ.get / os.environ[...] / number_setting in a
+    section file."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = ast.unparse(node.func)
-            if func in ("os.getenv", "os.environ.get"):
+            if func in ("os.getenv", "os.environ.get", "number_setting"):
                 names.add(node.args[0].value)
         if (
             isinstance(node, ast.Subscript)

@@ -19,6 +19,7 @@ New here:
 Changed here:
   MessageBus — submit() queues scheduled work in a session's line; a worker runs it
   run_tool, run_tool_calls — a cron tool is handed the turn's `out`: it knows which chat asked
+  is_prompt_file — HEARTBEAT.md and CRON.json too: a tool asks before it writes them
   Repl, main — a timer thread ticks heartbeat and cron; notes of system events join the
       terminal's session between turns
 Carried from earlier:
@@ -87,23 +88,42 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 KEY_FROM_SHELL = bool(os.getenv("ANTHROPIC_API_KEY"))  # read before .env: where a bad key came from
 load_dotenv(REPO_ROOT / ".env")
 
+
+def number_setting(name: str, default: int | float, lowest: float = 1,
+                   highest: float = float("inf")) -> int | float:
+    """A number from .env or the environment, of the default's type, from lowest to highest.
+    Anything else ends the program with a sentence and exit status 2, not a traceback."""
+    text = os.getenv(name) or str(default)
+    try:
+        value = type(default)(text)
+        if lowest <= value <= highest:  # also false for nan
+            return value
+    except ValueError:
+        pass
+    kind = "a whole number" if isinstance(default, int) else "a number"
+    top = "" if highest == float("inf") else f" and at most {highest}"
+    print(f"{name}={text!r} in .env or the environment: expected {kind} of at least {lowest}"
+          f"{top} (the default is {default}).", file=sys.stderr)
+    sys.exit(2)
+
+
 SECTION = "s07 Heartbeat & cron"
 MODEL_ID = os.getenv("MODEL_ID") or "claude-sonnet-5-5"
 API_KEY = os.getenv("ANTHROPIC_API_KEY") or ""
 BASE_URL = os.getenv("ANTHROPIC_BASE_URL") or ""
-MAX_TOKENS = int(os.getenv("MAX_TOKENS") or "8192")
+MAX_TOKENS = number_setting("MAX_TOKENS", 8192)
 SDK_MAX_RETRIES = 2  # the SDK itself retries 429, 5xx and dropped connections this often
 WORKSPACE_DIR = Path(os.getenv("WORKSPACE_DIR") or REPO_ROOT / "workspace").resolve()
 # The gateway's own files (approvals, sessions, tokens...): never inside the workspace.
 STATE_DIR = Path(os.getenv("STATE_DIR") or REPO_ROOT / ".state").resolve()
 MAX_TOOL_ROUNDS = 25        # model calls in one turn before the loop stops asking
-BASH_TIMEOUT = float(os.getenv("BASH_TIMEOUT") or "30")
+BASH_TIMEOUT = number_setting("BASH_TIMEOUT", 30.0, 0.1, 300)
 BASH_MAX_TIMEOUT = 300      # the model may ask for more time, never more than this
 MAX_TOOL_OUTPUT = 20_000    # characters (or bytes) of one tool result; longer: the middle is cut
 AGENT_ID = "main"  # the default agent; gateway.json can name more
 SESSIONS_ROOT = STATE_DIR / "sessions"  # one folder per agent: sessions/<agent id>/
-CONTEXT_WINDOW = int(os.getenv("CONTEXT_WINDOW") or "1000000")  # tokens the model reads at once
-COMPACT_THRESHOLD = float(os.getenv("COMPACT_THRESHOLD") or "0.75")  # compact past this share
+CONTEXT_WINDOW = number_setting("CONTEXT_WINDOW", 1_000_000, 100)  # tokens the model reads at once
+COMPACT_THRESHOLD = number_setting("COMPACT_THRESHOLD", 0.75, 0.1, 0.95)  # compact past this share
 SYSTEM_PROMPT = ("You are a helpful assistant that people reach from a terminal or a chat app. "
                  "Be concise. "
                  "You have tools to read and change files in your workspace (a folder on this "
@@ -851,6 +871,9 @@ def ask_person(command: str) -> str:
         except EOFError:
             print()
             return "deny"
+        except KeyboardInterrupt:
+            print()  # the ^C stays on the prompt's line; what the turn says next starts below
+            raise
         if answer in ANSWERS:
             return ANSWERS[answer]
         print("  Please answer o (run it once), a (always) or d (deny).")
@@ -870,6 +893,7 @@ def check_command(command: str, approve) -> None:
 def approve_at_terminal(command: str) -> None:
     """The person at the terminal decides: a stored "always", or the prompt."""
     if is_always_approved(command, "terminal"):
+        print(dim("  (runs without asking: you answered 'always' for this exact command)"))
         return
     answer = ask_person(command)
     if answer == "always":
@@ -1247,7 +1271,11 @@ class SessionStore:
         with self.lock:
             if key in self.by_key and not fresh:
                 return self.by_key[key]
-            session_id = self.index["keys"].get(key)
+            keys = self.index["keys"]
+            # s04 names a chat "telegram:direct:42", s05 on "agent:main:telegram:direct:42":
+            # each finds the chat the other one kept, so going back and forth loses nothing.
+            session_id = (keys.get(key) or keys.get(f"agent:{AGENT_ID}:{key}")
+                          or keys.get(key.removeprefix(f"agent:{AGENT_ID}:")))
             if fresh or session_id is None or not self.path(session_id).exists():
                 session = self.create(key, key=key)
             else:
@@ -1282,7 +1310,7 @@ class SessionStore:
         return self.open(current) if current else self.create()
 
     def replay(self, session_id: str) -> list:
-        path, messages = self.path(session_id), []
+        path, messages, damaged = self.path(session_id), [], False
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -1292,6 +1320,7 @@ class SessionStore:
                     kind = record["type"]
                 except (ValueError, KeyError, TypeError, RecursionError):
                     log(f"[sessions] {path.name}:{number}: skipped a corrupt or half-written line")
+                    damaged = True
                     continue
                 message = clean_message(record.get("message")) if kind == "message" else None
                 if message:
@@ -1300,10 +1329,28 @@ class SessionStore:
                     messages = [m for m in map(clean_message, record["messages"]) if m]
                 else:
                     log(f"[sessions] {path.name}:{number}: skipped a record of unknown shape")
+                    damaged = True
         messages, notes = repair_history(messages)
         for problem in notes:
             log(f"[sessions] {path.name}: {problem}")
+        if damaged or notes:
+            self.rewrite_repaired(path, messages)
         return messages
+
+    def rewrite_repaired(self, path: Path, messages: list) -> None:
+        """Said once, not at every start: the file becomes one snapshot of what could be
+        read, and the original is kept beside it (not a .jsonl, so never listed)."""
+        kept = path.with_name(f"{path.stem}.damaged-{secrets.token_hex(3)}.bak")
+        try:
+            shutil.copyfile(path, kept)
+            os.chmod(kept, 0o600)
+            write_atomic(path, json.dumps({"type": "snapshot", "ts": now_iso(), "reason": "repair",
+                                           "messages": messages}, ensure_ascii=False) + "\n")
+            log(f"[sessions] {path.name}: rewritten from what could be read; the original "
+                f"is kept as {kept.name}")
+        except OSError as exc:
+            log(f"[sessions] {path.name}: not rewritten ({exc.strerror}); the same lines "
+                "will be skipped next time")
 
     def append(self, session_id: str, records: list) -> None:
         """Append records, one JSON object a line, and fsync: a crash tears at most the last."""
@@ -1511,8 +1558,17 @@ class ContextGuard:
                 self.flushed.add(session.id)
                 flush_memory(self.client, session.messages, out, agent or DEFAULT_AGENT, prompt)
         if tokens > self.limit:
-            self.compact(session, f"{tokens:,} tokens is over the limit of {self.limit:,}",
-                         out=out)
+            if self.compact(session, f"{tokens:,} tokens is over the limit of {self.limit:,}",
+                            out=out):
+                self.still_over(session, user_text, out.note)
+
+    def still_over(self, session: Session, user_text: str, say) -> None:
+        """After a compaction: if the turn that is kept, with the new words, is itself past the
+        limit, say so (the API may refuse the turn) instead of staying silent."""
+        left = self.estimate(session, user_text)
+        if left > self.limit:
+            say(f"[context] still about {left:,} tokens after compacting: the last exchange "
+                "alone passes the limit, and the API may refuse it (/new starts afresh)")
 
     def cut_point(self, messages: list, keep_exchanges: int | None = None) -> int | None:
         """Where the kept part starts: at the start of one of the person's turns. Asked
@@ -1537,7 +1593,8 @@ class ContextGuard:
         messages = session.messages
         cut = self.cut_point(messages, keep_exchanges)
         if cut is None:
-            kept = f" (it keeps your last {keep_exchanges} messages)" if keep_exchanges else ""
+            kept = (f" (it keeps your last {plural(keep_exchanges, 'exchange')})"
+                    if keep_exchanges else "")
             out.note(f"[context] nothing to compact yet{kept}")
             return False
         out.note(f"[context] compacting ({why}): summarizing {plural(cut, 'older message')}")
@@ -1970,7 +2027,7 @@ class TelegramChannel(Channel):
 FEISHU_APP_ID = os.getenv("FEISHU_APP_ID") or ""
 FEISHU_APP_SECRET = os.getenv("FEISHU_APP_SECRET") or ""
 FEISHU_VERIFICATION_TOKEN = os.getenv("FEISHU_VERIFICATION_TOKEN") or ""
-FEISHU_WEBHOOK_PORT = int(os.getenv("FEISHU_WEBHOOK_PORT") or "18790")
+FEISHU_WEBHOOK_PORT = number_setting("FEISHU_WEBHOOK_PORT", 18790, 0, 65535)
 FEISHU_DOMAIN = os.getenv("FEISHU_DOMAIN") or "feishu"  # "lark": Feishu's international edition
 FEISHU_API_BASE = (os.getenv("FEISHU_API_BASE") or "").rstrip("/")
 FEISHU_ALLOW_FROM = allow_list(os.getenv("FEISHU_ALLOW_FROM"))  # open_ids; others must pair
@@ -2272,7 +2329,7 @@ class Pairing:
 
 
 # --- [s04] Approvals for remote chats -----------------------------------------
-APPROVAL_TIMEOUT = float(os.getenv("APPROVAL_TIMEOUT") or "120")  # seconds to wait for /approve
+APPROVAL_TIMEOUT = number_setting("APPROVAL_TIMEOUT", 120.0, 0.1)  # seconds to wait for /approve
 
 
 class ApprovalQueue:
@@ -2822,7 +2879,7 @@ def probe_message(channel: str, peer: str, account: str = "",
 
 # --- [s05] The gateway: JSON-RPC 2.0 over WebSocket, and a chat page ----------
 GATEWAY_HOST = os.getenv("GATEWAY_HOST") or "127.0.0.1"
-GATEWAY_PORT = int(os.getenv("GATEWAY_PORT") or "18789")  # 0 picks a free port
+GATEWAY_PORT = number_setting("GATEWAY_PORT", 18789, 0, 65535)  # 0 picks a free port
 GATEWAY_TOKEN = os.getenv("GATEWAY_TOKEN") or ""  # empty: generated once into the state folder
 GATEWAY_ALLOWED_ORIGINS = sorted(allow_list(os.getenv("GATEWAY_ALLOWED_ORIGINS")))
 TOKEN_FILE = STATE_DIR / "gateway-token"
@@ -3500,14 +3557,16 @@ def layer_source(agent_id: str, name: str) -> tuple[str, str]:
 
 
 def is_prompt_file(raw: str) -> bool:
-    """A file the system prompt is read from: a layer file, or anything in agents/ or skills/.
+    """A file the system prompt is read from: a layer file, or anything in agents/ or skills/;
+    and (s07) HEARTBEAT.md and CRON.json, which say what the agent does unasked.
     write_file and edit_file ask before they change one, as bash does (run_tool)."""
     try:
         parts = [part.casefold() for part in safe_path(raw).relative_to(WORKSPACE_DIR).parts]
     except ToolError:
         return False  # the tool refuses the path itself
     return (len(parts) > 1 and parts[0] in ("agents", "skills")) or (
-        len(parts) == 1 and parts[0] in {file.casefold() for _, file in LAYER_FILES if file})
+        len(parts) == 1 and parts[0] in {file.casefold() for _, file in LAYER_FILES if file}) or (
+        parts in (["heartbeat.md"], ["cron.json"]))
 
 
 def tools_guide(text: str, tools: list[str]) -> str:
@@ -4024,6 +4083,8 @@ def load_skills() -> tuple[dict[str, Skill], list[str]]:
                             "skill's name is lowercase letters, digits, - or _")
         elif not meta.get("description"):
             problems.append(f"{path}: its front matter has no description")
+        elif f"/{folder.name}" in COMMANDS or folder.name == "start":
+            problems.append(f"{path}: /{folder.name} is a command's name; rename the skill")
         else:
             skills[folder.name] = Skill(folder.name, meta["description"], path)
     for problem in problems:
@@ -4121,7 +4182,7 @@ def run_skill(repl: Repl, skill: Skill, line: str) -> None:
 # --- [s07] Heartbeat: the agent speaks first, when there is something to say ---
 # A timer asks "should I run?" every TICK_SECONDS. Once an interval the heartbeat runs, if
 # HEARTBEAT.md asks for something, the hour is an active one and no person's turn is running.
-HEARTBEAT_INTERVAL = int(os.getenv("HEARTBEAT_INTERVAL") or "1800")  # seconds; 0 switches it off
+HEARTBEAT_INTERVAL = number_setting("HEARTBEAT_INTERVAL", 1800, 0, 366 * 86400)  # 0: off
 HEARTBEAT_ACTIVE_HOURS = os.getenv("HEARTBEAT_ACTIVE_HOURS") or "08:00-22:00"
 HEARTBEAT_TZ = os.getenv("HEARTBEAT_TZ") or ""  # the active hours' zone; empty: the machine's
 HEARTBEAT_TARGET = os.getenv("HEARTBEAT_TARGET") or "terminal"  # or telegram:<chat>, feishu:<id>
@@ -4132,7 +4193,8 @@ REPEAT_WINDOW = timedelta(hours=24)  # the same words as the last delivered, wit
 TICK_SECONDS = 1.0             # how often the timer asks the heartbeat and the cron jobs
 HEARTBEAT_PROMPT = ("[Heartbeat] It is {now}. Go through this checklist from HEARTBEAT.md. If "
                     "nothing needs the person's attention now, reply only HEARTBEAT_OK.\n\n{items}")
-TARGET = re.compile(r"terminal|telegram:-?\d{1,20}|feishu:[\w-]{1,128}")  # where output may go
+# Where output may go. ASCII only: "telegram:４２" would reach chat 42 but not be "its" chat.
+TARGET = re.compile(r"terminal|telegram:-?\d{1,20}|feishu:[\w-]{1,128}", re.ASCII)
 
 
 def utc_now() -> datetime:
@@ -4191,7 +4253,8 @@ def open_target(bus: MessageBus, target: str) -> tuple[Channel, InboundMessage]:
         raise ChannelError(f"{name} is off ({channel.detail if channel else 'not set up'})")
     group = to.startswith("-") if name == "telegram" else to.startswith("oc_")  # a group chat
     return channel, InboundMessage(channel=name, account="", peer=to or "local",
-                                   sender=to or "local", text="", is_group=group)
+                                   sender=to or "local", text="", is_group=group,
+                                   raw={"scheduled": True})  # not a chat: no cron tools
 
 
 def deliver(bus: MessageBus, target: str, text: str, label: str) -> None:
@@ -4206,7 +4269,8 @@ def scheduled_turn(bus: MessageBus, agent: Agent, key: str, target: str, message
     Each run starts from an empty history (the runs before stay in the file), so a run costs
     the same on the hundredth day as on the first."""
     channel, where = open_target(bus, target)  # the channel is off: no tokens spent
-    reply = ChatReply(where, channel, bus.approvals, agent.id, key)
+    label = key if target == "terminal" else f"{key} for {target}"  # in approval lines too
+    reply = ChatReply(where, channel, bus.approvals, agent.id, label)
     session = bus.store_for(agent.id).for_key(key)
     if session.messages:
         session.replace([], "a new scheduled run")
@@ -4236,6 +4300,8 @@ def parse_moment(field: str, value) -> datetime:
         raise JobError(f"{field}: {value!r} is not a time like 2030-01-01T09:00:00+01:00")
     if when.tzinfo is None:
         raise JobError(f"{field}: {value!r} has no UTC offset (add one, like +01:00)")
+    if not 1970 <= when.year < 3000:  # far from year 1 and 9999: no sum, no zone overflows
+        raise JobError(f"{field}: {value!r} is not between the years 1970 and 2999")
     return when
 
 
@@ -4298,11 +4364,12 @@ class HeartbeatRunner:
         """One heartbeat turn, on a bus worker; the checklist is the message."""
         try:
             prompt = HEARTBEAT_PROMPT.format(now=shown_time(now, self.zone), items="\n".join(items))
-            said = heartbeat_reply(scheduled_turn(self.bus, self.agent, self.key,
-                                                  HEARTBEAT_TARGET, prompt))
-            last = moment(self.state.get("last_sent"))
-            if said is None:
-                result = "HEARTBEAT_OK: nothing to say, not delivered"
+            text = scheduled_turn(self.bus, self.agent, self.key, HEARTBEAT_TARGET, prompt)
+            said, last = heartbeat_reply(text), moment(self.state.get("last_sent"))
+            if said is None:  # what came with HEARTBEAT_OK is not delivered: the operator sees it
+                besides = text.replace(HEARTBEAT_OK, "").strip(" \n.!:-*`")
+                result = "HEARTBEAT_OK: nothing to say, not delivered" + (
+                    f" (besides it: {preview(besides)})" if besides else "")
             elif said == self.state.get("last_text") and last and now - last < REPEAT_WINDOW:
                 result = "the same as the last message it delivered (within 24 h): dropped"
             else:
@@ -4322,7 +4389,8 @@ class HeartbeatRunner:
         return [f"Heartbeat: every {HEARTBEAT_INTERVAL} s, active {HEARTBEAT_ACTIVE_HOURS} "
                 f"({zone}), to {HEARTBEAT_TARGET}" if self.next_run else "Heartbeat: off",
                 f"  HEARTBEAT.md: {plural(items, 'item')} to act on; next run "
-                f"{shown_time(self.next_run)}; last: {self.state.get('last_result', 'none yet')}"]
+                f"{shown_time(self.next_run)}; last: "
+                f"{printable(str(self.state.get('last_result', 'none yet')))}"]  # a file: escaped
 
 
 def tick_forever(runners: list, stop: threading.Event) -> None:
@@ -4349,6 +4417,14 @@ BACKOFF = (30, 60, 300, 900, 3600)  # seconds before the next try, after 1, 2, 3
 MAX_ERRORS = 5  # errors in a row that switch a job off
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # what an `every` job without an anchor aligns to
 TURN_TOOLS = {"cron_add", "cron_list", "cron_remove"}  # handed the turn's `out`: who is asking
+CRON_FILE_MAX = 200_000  # bytes of CRON.json, read and written: a change past it is refused
+CRON_EXPR = re.compile(r"\S{1,64}( \S{1,64}){4}")  # five fields: no seconds, no years, no 100 KB
+MAX_EVERY = 10 * 365 * 86400  # seconds: the longest interval of an `every` job (ten years)
+MAX_JOB_TEXT = 2_000  # characters of a job's text or message
+MAX_CHAT_JOBS = 10  # jobs that deliver to one chat: as many as cron_add adds from it
+MIN_INTERVAL = {"system_event": 60, "agent_turn": 900}  # seconds between runs of cron_add's jobs
+CRON_AT_ONCE = 2  # cron runs at once (the heartbeat is one more): the other workers are for people
+NOTE_CHARS = 300  # of a system event's text, in its note in the terminal's session
 terminal_notes: deque = deque(maxlen=50)  # what system events said, for the terminal's session
 cron_file_lock = threading.Lock()  # one read-change-write of CRON.json at a time
 
@@ -4377,29 +4453,37 @@ def check_job(job) -> None:
         raise JobError("id: lowercase letters, digits, - or _ (at most 32)")
     if not isinstance(job.get("enabled", True), bool):
         raise JobError("enabled: true or false")
+    agent = job.get("agent", AGENT_ID)  # who runs an agent_turn: the default agent, unless named
+    if not isinstance(agent, str) or not SAFE_ID.fullmatch(agent):
+        raise JobError("agent: the id of an agent in gateway.json")
     schedule, payload = job.get("schedule"), job.get("payload")
     kind = schedule.get("kind") if isinstance(schedule, dict) else None
     if kind == "at":
         parse_moment("schedule.at", schedule.get("at"))
     elif kind == "every":
-        if type(schedule.get("seconds")) is not int or schedule["seconds"] < 1:
-            raise JobError("schedule.seconds: a whole number of seconds, 1 or more")
+        if type(schedule.get("seconds")) is not int or not 1 <= schedule["seconds"] <= MAX_EVERY:
+            raise JobError("schedule.seconds: a whole number of seconds, 1 to ten years")
         if "anchor" in schedule:
             parse_moment("schedule.anchor", schedule["anchor"])
     elif kind == "cron":
         from croniter import croniter  # loaded when a job needs it: it costs a tenth of a second
-        if not isinstance(schedule.get("expr"), str) or not croniter.is_valid(schedule["expr"]):
-            raise JobError(f"schedule.expr: {schedule.get('expr')!r} is not a cron expression "
-                           "like 0 9 * * 1-5")
+        expr = schedule.get("expr")  # CRON_EXPR first: croniter takes a second for 100 KB
+        if not (isinstance(expr, str) and CRON_EXPR.fullmatch(expr) and croniter.is_valid(expr)):
+            raise JobError(f"schedule.expr: {expr!r:.80} is not a cron expression like 0 9 * * 1-5")
         zone_of("schedule.tz", schedule.get("tz"))
     else:
         raise JobError("schedule.kind: must be at, every or cron")
+    try:  # "0 0 30 2 *" is a valid expression, but no day ever comes
+        next_run(job, utc_now())
+    except ValueError:  # croniter's CroniterBadDateError
+        raise JobError("schedule: it has no next time")
     field = {"agent_turn": "message", "system_event": "text"}.get(
         payload.get("kind") if isinstance(payload, dict) else None)
     if field is None:
         raise JobError("payload.kind: must be agent_turn or system_event")
-    if not isinstance(payload.get(field), str) or not payload[field].strip():
-        raise JobError(f"payload.{field}: must be non-empty text")
+    text = payload.get(field)
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_JOB_TEXT:
+        raise JobError(f"payload.{field}: text, not empty, at most {MAX_JOB_TEXT:,} characters")
     if not TARGET.fullmatch(job_target(job)):
         raise JobError('deliver: {"channel": "terminal"}, or telegram / feishu with "to"')
 
@@ -4444,11 +4528,13 @@ class CronService:
     def reload(self) -> None:
         """Read CRON.json again when its (mtime_ns, size) changed: else it costs one stat()."""
         with self.lock:
-            text = read_workspace_text(CRON_FILE)
+            text = read_workspace_text(CRON_FILE, CRON_FILE_MAX)
             if text is self.text:
                 return
             self.text = text
             try:
+                if text is not None and len(text.encode()) > CRON_FILE_MAX:  # its head and tail
+                    raise ValueError(f"it is over {CRON_FILE_MAX:,} bytes")
                 data = json.loads(text) if text is not None else {"jobs": []}
                 if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
                     raise ValueError('it must be an object with a list "jobs"')
@@ -4463,12 +4549,13 @@ class CronService:
                     check_job(job)
                     if job["id"] in self.jobs:
                         raise JobError("id: another job has it already")
-                except JobError as exc:
+                    self.schedule(job, self.clock())  # no next time from the clock's now: off
+                except (ValueError, OverflowError) as exc:  # JobError, and croniter's errors
                     log(f"[cron] job {printable(name)} is switched off: {printable(str(exc))}")
                     continue
                 self.jobs[job["id"]] = job
-                self.schedule(job, self.clock())
-            self.state["jobs"] = {k: v for k, v in self.state["jobs"].items() if k in self.jobs}
+            self.state["jobs"] = {k: v for k, v in self.state["jobs"].items()
+                                  if k in self.jobs or v.get("errors")}  # remove + add: no reset
             self.save()
 
     def schedule(self, job: dict, now: datetime) -> None:
@@ -4477,11 +4564,12 @@ class CronService:
         st = self.state["jobs"].setdefault(job["id"], {})
         fingerprint = json.dumps(job["schedule"], sort_keys=True)
         if st.get("schedule") != fingerprint:
+            kept = {k: st[k] for k in ("errors", "off") if k in st}  # an edit resets no backoff
             st.clear()
-            st["schedule"] = fingerprint
+            st.update(kept, schedule=fingerprint)
         if not job.get("enabled", True) or st.get("off") or st.get("done"):
             st["next_run"] = None
-        elif not st.get("next_run"):
+        elif not moment(st.get("next_run")):  # none yet, or not a time (a hand-edited state file)
             when = next_run(job, now)
             st["next_run"] = when.isoformat() if when else None
             if when is None:  # an `at` job whose time had passed before it was ever seen
@@ -4497,8 +4585,14 @@ class CronService:
         with self.lock:
             for job_id, job in self.jobs.items():
                 when = moment(self.state["jobs"][job_id].get("next_run"))
-                if when and when <= now and job_id not in self.running:
-                    self.start(job, now)
+                if when and when <= now and job_id not in self.running and \
+                        len(self.running) < CRON_AT_ONCE:  # else: at a later tick
+                    try:
+                        self.start(job, now)
+                    except (ValueError, OverflowError):  # no time after this one: never again
+                        self.state["jobs"][job_id].update(off="no next time", next_run=None)
+                        self.save()
+                        log(f"[cron] job {job_id} is switched off: its schedule has no next time")
 
     def start(self, job: dict, now: datetime, by_hand: bool = False) -> None:
         """Queue one run. Its next run is written down first, so a crash during this one never
@@ -4516,18 +4610,22 @@ class CronService:
 
     def run(self, job: dict, started: datetime, by_hand: bool) -> None:
         """One run, on a bus worker. A system_event's text is delivered as it is (no model call);
-        an agent_turn is a turn of the default agent in the job's own session, cron:<id>. What
-        fails is recorded as an error, counted for the backoff."""
+        an agent_turn is a turn of the job's agent (the default one if it names none) in the job's
+        own session, cron:<id>. What fails is recorded as an error, counted for the backoff."""
         target, payload, key = job_target(job), job["payload"], f"cron:{job['id']}"
         try:
             if payload["kind"] == "system_event":
                 text = payload["text"]
             else:
-                agent = self.bus.router.agents[self.bus.router.config["default_agent"]]
+                name = job.get("agent") or self.bus.router.config["default_agent"]
+                agent = self.bus.router.agents.get(name)
+                if agent is None:  # gone from gateway.json: no other agent runs in its place
+                    raise JobError(f"agent: {name} is not in {GATEWAY_FILE.name}")
                 text = scheduled_turn(self.bus, agent, key, target, payload["message"])
             deliver(self.bus, target, text, key)
-            if payload["kind"] == "system_event":
-                terminal_notes.append(f"[{key} said to {target} at {shown_time(started)}: {text}]")
+            if payload["kind"] == "system_event" and target == "terminal":  # a chat's: never
+                said = json.dumps(text[:NOTE_CHARS], ensure_ascii=False)  # quoted: one fenced line
+                terminal_notes.append(f"[{key} said to {target} at {shown_time(started)}: {said}]")
             ok, result = True, f"delivered to {target}"
         except Exception as exc:  # the turn failed, the channel is off or refused the message
             ok, result = False, f"{type(exc).__name__}: {printable(str(exc))}"
@@ -4571,7 +4669,14 @@ class CronService:
                 raise ToolError(f"no job {printable(job_id)!r} in {CRON_FILE}")
             job["enabled"] = on
         with self.lock:
-            edit_cron_file(change)
+            try:
+                edit_cron_file(change)
+            except ToolError:  # CRON.json cannot be used: a job that runs can still be stopped
+                if on or job_id not in self.jobs:
+                    raise
+                self.state["jobs"][job_id].update(off="/cron disable", next_run=None)
+                self.save()
+                return f"Job {job_id} is off (in the state file: {CRON_FILE} cannot be changed)."
             for key in ("off", "errors", "next_run"):  # switched on, it is planned from now
                 self.state["jobs"].get(job_id, {}).pop(key, None)
             self.reload()
@@ -4589,16 +4694,25 @@ def edit_cron_file(change):
         except (ValueError, RecursionError) as exc:
             raise ToolError(f"{CRON_FILE} cannot be used ({exc}); fix it first")
         result = change(data["jobs"])
-        write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", private=False)
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        if len(text.encode()) > CRON_FILE_MAX:  # the scheduler would not read it: not written
+            raise ToolError(f"{CRON_FILE} would pass {CRON_FILE_MAX:,} bytes; remove a job first")
+        write_atomic(path, text, private=False)
         return result
 
 
 def chat_of(out) -> str:
-    """The chat a turn came from as a target; else (a gateway client too) the terminal."""
+    """The chat a turn came from as a target: the terminal (no `out`: a /cron command), or a
+    Telegram or Feishu chat. A gateway client has no target, and a scheduled turn may not
+    schedule more (it would copy itself): for them, no cron tool works."""
     message = getattr(out, "message", None)
-    if message is not None and message.channel in ("telegram", "feishu"):
+    if out is None or isinstance(out, TerminalOutput):
+        return "terminal"
+    if message is not None and message.channel in ("telegram", "feishu") and \
+            "scheduled" not in message.raw:
         return f"{message.channel}:{message.peer}"
-    return "terminal"
+    raise ToolError("the cron tools work from the terminal and from Telegram or Feishu chats, "
+                    "not from a gateway client or in a scheduled run")
 
 
 def mine(job, out) -> bool:
@@ -4610,8 +4724,9 @@ def cron_add(kind: str, message: str, in_seconds: int = 0, at: str = "", seconds
              expr: str = "", tz: str = "", payload: str = "system_event", target: str = "",
              out=None) -> str:
     """Add a job to CRON.json, checked exactly as the file's jobs are. A job asked for from a
-    chat delivers to that chat, and nowhere else."""
+    chat delivers to that chat, and nowhere else, and runs as the agent that answers there."""
     here, now = chat_of(out), utc_now()
+    route = getattr(getattr(out, "message", None), "route", None)  # a chat's: its agent
     target = target or here
     if here != "terminal" and target != here:
         raise ToolError(f"from this chat, a job can only deliver to this chat ({here})")
@@ -4624,21 +4739,30 @@ def cron_add(kind: str, message: str, in_seconds: int = 0, at: str = "", seconds
            "schedule": {"kind": kind, **shape},
            "payload": {"kind": payload, "message" if payload == "agent_turn" else "text": message},
            "deliver": {"channel": channel, **({"to": to} if to else {})}}
+    if route:  # its agent_turns have that agent's tools, and no more
+        job["agent"] = route.agent.id
 
     def add(jobs: list) -> str:
+        if here != "terminal" and sum(isinstance(j, dict) and job_target(j) == here
+                                      for j in jobs) >= MAX_CHAT_JOBS:
+            raise ToolError(f"this chat has {MAX_CHAT_JOBS} jobs already; cron_remove one first")
         taken = {j.get("id") for j in jobs if isinstance(j, dict)}
         base = re.sub(r"[^a-z0-9]+", "-", message.lower())[:24].strip("-") or "job"
         ids = (base if n == 1 else f"{base}-{n}" for n in count(1))
         job["id"] = next(i for i in ids if i not in taken)
         try:
             check_job(job)
-            if next_run(job, now) is None:
+            first = next_run(job, now)
+            if first is None:
                 raise JobError(f"schedule.at: {at} is not in the future")
+            then = next_run(job, first)  # the gap after the first run (a cron's is a sample)
+            if then and (then - first).total_seconds() < MIN_INTERVAL[payload]:
+                raise JobError(f"schedule: the agent's {payload} jobs run at most once every "
+                               f"{MIN_INTERVAL[payload]} s")
         except JobError as exc:
             raise ToolError(str(exc))
         jobs.append(job)
-        return (f"added job {job['id']}: {payload} to {target}, first run "
-                f"{shown_time(next_run(job, now))}")
+        return f"added job {job['id']}: {payload} to {target}, first run {shown_time(first)}"
     return edit_cron_file(add)
 
 
@@ -4650,14 +4774,14 @@ def describe_job(job: dict, st: dict) -> list[str]:
     elif schedule["kind"] == "every":
         shape = f"every {schedule['seconds']} s"
     else:
-        shape = f"{schedule['expr']} in {schedule['tz']}"
-    state = ("done" if st.get("done") else f"off ({st['off']})" if st.get("off")
+        shape = f"{printable(schedule['expr'])} in {schedule['tz']}"
+    state = ("done" if st.get("done") else f"off ({printable(str(st['off']))})" if st.get("off")
              else "on" if job.get("enabled", True) else f"off in {CRON_FILE}")
     nxt = f"next {shown_time(upcoming)}" if upcoming else "no next run"
     if upcoming and schedule["kind"] == "cron":
         nxt += f" ({upcoming.astimezone(ZoneInfo(schedule['tz'])):%a %H:%M} in {schedule['tz']})"
     last = f"last {shown_time(moment(st.get('last_run')))}" + (
-        f": {st['last_result']}" if st.get("last_result") else "")
+        f": {printable(str(st['last_result']))}" if st.get("last_result") else "")
     return [f"{job['id']}: {state}, {shape}, {job['payload']['kind']} to {job_target(job)}",
             f"  {nxt}; {last}"]
 
@@ -4665,16 +4789,17 @@ def describe_job(job: dict, st: dict) -> list[str]:
 def cron_list(out=None) -> str:
     """The jobs of CRON.json with their state: on or off, next run, last result."""
     try:
-        jobs = json.loads(read_workspace_text(CRON_FILE) or '{"jobs": []}')["jobs"]
+        jobs = json.loads(read_workspace_text(CRON_FILE, CRON_FILE_MAX) or '{"jobs": []}')["jobs"]
         if not isinstance(jobs, list):
             raise TypeError('"jobs" must be a list')
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ToolError(f"{CRON_FILE} cannot be used ({type(exc).__name__}: {exc})")
-    states, lines = read_state(CRON_STATE_FILE).get("jobs") or {}, []
+    states, lines = read_state(CRON_STATE_FILE).get("jobs"), []
     for job in [job for job in jobs if mine(job, out)]:
         try:
             check_job(job)
-            lines += describe_job(job, states.get(job["id"]) or {})
+            st = states.get(job["id"]) if isinstance(states, dict) else None
+            lines += describe_job(job, st if isinstance(st, dict) else {})  # edited by hand?
         except JobError as exc:
             name = job.get("id") if isinstance(job, dict) else "?"
             lines.append(f"{printable(str(name))}: switched off: {printable(str(exc))}")
@@ -4731,7 +4856,10 @@ def cron_command(repl: Repl, arg: str) -> None:
     action, _, job_id = arg.partition(" ")
     if not action:
         repl.cron.reload()  # so that "next run" is there before the timer's first tick
-        print(printable(cron_list(), keep_lines=True))
+        try:
+            print(printable(cron_list(), keep_lines=True))
+        except ToolError as exc:  # CRON.json is not JSON...: a line, never a dead gateway
+            print(printable(str(exc)))
     elif action == "run" and job_id.strip() in repl.cron.jobs:
         repl.cron.start(repl.cron.jobs[job_id.strip()], repl.cron.clock(), by_hand=True)
         print(f"Job {job_id.strip()} started by hand; what it says appears when it is done.")
@@ -4758,10 +4886,12 @@ class Repl:
 
 
 def show_help(repl: Repl, arg: str) -> None:
+    usage = {name: f"{name} {args}".strip() for name, (_, args, _) in COMMANDS.items()}
+    width = max(len("quit, exit"), *map(len, usage.values()))  # the table's, as it grows
     print("Commands:")
-    for name, (_, args, text) in COMMANDS.items():
-        print(f"  {f'{name} {args}'.strip():<14} {text}")
-    print("  quit, exit     leave (Ctrl-D and Ctrl-C work too)")
+    for name, (_, _, text) in COMMANDS.items():
+        print(f"  {usage[name]:<{width}}  {text}")
+    print(f"  {'quit, exit':<{width}}  leave (Ctrl-D and Ctrl-C work too)")
     print("Anything else is sent to the model.")
 
 
