@@ -433,6 +433,9 @@ def test_a_failing_bot_api_is_polled_with_growing_waits_and_recovers(
 def test_a_reply_that_cannot_be_sent_is_logged_and_the_next_message_is_answered(
     path, load, fake_api, tg, monkeypatch, capsys
 ):
+    if section_id(path) >= "s08":
+        pytest.skip("from s08 on a failed reply is retried from the delivery queue "
+                    "(tests/test_s08_delivery.py), not dropped")
     mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
     tg.fail(500, "Internal Server Error", method="sendMessage")
     screen = Screen(capsys)

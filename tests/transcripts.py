@@ -242,4 +242,26 @@ TRANSCRIPTS = {
             reply("HEARTBEAT_OK"),
         ],
     },
+    "s08": {
+        "chat": "telegram",
+        "env": {"TELEGRAM_ALLOW_FROM": "42"},
+        "shown_env": {
+            "TELEGRAM_BOT_TOKEN": "123456:FAKE",
+            "TELEGRAM_API_BASE": "http://127.0.0.1:18781",
+            "TELEGRAM_ALLOW_FROM": "42",
+        },
+        "runs": [
+            [
+                "/simulate-failure telegram 1.0",  # every send to Telegram fails, as an outage
+                ("say_no_reply", "Are you there?"),
+                ("wait", "trying again in"),  # the reply is on disk, held by the failure
+                "/queue",
+                "/simulate-failure telegram 0",  # the outage is over: it goes at once
+                ("reply",),
+                "/failed",
+                "quit",
+            ]
+        ],
+        "steps": [reply("Yes, I am here. Your message waited on disk; so did this answer.")],
+    },
 }
