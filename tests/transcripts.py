@@ -264,4 +264,23 @@ TRANSCRIPTS = {
         ],
         "steps": [reply("Yes, I am here. Your message waited on disk; so did this answer.")],
     },
+    "s09": {
+        # A second key (the fake accepts any); its base URL is ANTHROPIC_BASE_URL's.
+        "env": {"ANTHROPIC_API_KEY_2": "sk-ant-second-key", "TZ": "UTC"},
+        "shown_env": {"ANTHROPIC_API_KEY_2": "sk-ant-..."},
+        "runs": [
+            [
+                "/simulate-failure rate_limit",  # the next call fails as a 429 would
+                "Hello! Which key am I on?",
+                "And now?",
+                "/profiles",
+                "/stats",
+                "quit",
+            ]
+        ],
+        "steps": [
+            reply("Hello! I cannot see keys, but the gateway moved this session to another one."),
+            reply("Still the same one: the session stays where it last succeeded."),
+        ],
+    },
 }
