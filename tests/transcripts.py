@@ -283,4 +283,54 @@ TRANSCRIPTS = {
             reply("Still the same one: the session stays where it last succeeded."),
         ],
     },
+    "s10": {
+        "chat": "telegram",
+        "env": {"TELEGRAM_ALLOW_FROM": "42", "QUEUE_MODES": "telegram=collect"},
+        "shown_env": {
+            "TELEGRAM_BOT_TOKEN": "123456:FAKE",
+            "TELEGRAM_API_BASE": "http://127.0.0.1:18781",
+            "TELEGRAM_ALLOW_FROM": "42",
+            "QUEUE_MODES": "telegram=collect",
+        },
+        "runs": [
+            [
+                ("say_no_reply", "I am back."),  # three quick messages: one turn (collect)
+                ("say_no_reply", "Did the build pass?"),
+                ("say", "And the tests?"),
+                ("wait", "replied"),
+                ("say_no_reply", "Delete the drafts folder, please."),
+                ("wait", "/approve 1"),  # a slow turn: it waits for the operator
+                ("reply",),  # "Waiting for the operator ..."
+                ("say_no_reply", "Actually, wait."),  # while it runs: they wait behind it
+                ("say_no_reply", "Keep it, I still need it."),
+                ("wait", "Keep it, I still need it. (collected"),
+                "/lanes",
+                "/reset agent:main:telegram:direct:42",  # the waiting turn is cancelled
+                "/deny 1",
+                ("reply",),  # the running turn stopped at its next safe point
+                ("wait", "replied"),
+                "How big are SOUL.md and USER.md? Ask a subagent.",
+                "/lanes",
+                "quit",
+            ]
+        ],
+        "steps": [
+            reply("Welcome back! I got all three messages. I have no build or test results "
+                  "here; shall I look for logs in the workspace?"),
+            reply(tools=[tool_use("bash", {"command": "rm -rf drafts"}, "toolu_01")]),
+            reply(
+                "I will ask a subagent to measure them.",
+                tools=[
+                    tool_use(
+                        "spawn_subagent",
+                        {"task": "Report the size in bytes of SOUL.md and USER.md."},
+                        "toolu_02",
+                    )
+                ],
+            ),
+            reply(tools=[tool_use("bash", {"command": "wc -c SOUL.md USER.md"}, "toolu_03")]),
+            reply("SOUL.md: 587 bytes. USER.md: 251 bytes."),
+            reply("SOUL.md is 587 bytes and USER.md 251 bytes, as a subagent measured."),
+        ],
+    },
 }
