@@ -14,7 +14,6 @@ from fake_feishu import message_event
 from fake_telegram import FakeTelegram
 from harness import (
     REPO,
-    WARM,
     Screen,
     drive_repl,
     section_id,
@@ -407,10 +406,7 @@ def test_a_server_error_is_retried_and_the_replies_keep_their_order(
 def test_no_message_is_lost_when_the_process_is_killed(path):
     if path != SECTIONS[-1]:
         pytest.skip("whole-process run: newest section only (benchmarks/delivery.py: 50 kills)")
-    with WARM.lock:  # the worker's warm process, when one runs: no second import of the SDK
-        result = crash_test(
-            9, kills=3, chats=3, seed=8, run_time=(0.15, 0.35), deadline=60, warm=WARM.proc
-        )
+    result = crash_test(9, kills=3, chats=3, seed=8, run_time=(0.15, 0.35), deadline=60)
     assert result["lost"] == 0, result["missing"]
     assert result["out_of_order"] == 0
 
