@@ -871,7 +871,7 @@ def learner_reply(body: dict) -> dict:
     system = system if isinstance(system, str) else " ".join(
         b.get("text", "") for b in as_blocks(system))
     said = last_user_text(body)
-    if "summar" in system.lower() and len(messages) == 1:
+    if system.startswith("You summarize") and not body.get("tools") and len(messages) == 1:
         return reply(f"(fake) A summary: the person and the assistant talked; {len(said):,} "
                      "characters of it are summarized here.")
     if said.startswith("!tool "):
@@ -892,7 +892,7 @@ if __name__ == "__main__":  # run by hand: python tests/fake_anthropic.py [port]
         api.start()
     except OSError as exc:
         sys.exit(f"port {port} is taken ({exc.strerror}): give another, "
-                 "python tests/fake_anthropic.py 18781")
+                 "python tests/fake_anthropic.py 18770")
     print(f"A fake Messages API on {api.base_url}: it echoes what you say, and calls a tool\n"
           'when you type  !tool read_file {"path": "SOUL.md"}  (any tool and JSON input).\n'
           "To use it, put these two lines in .env (and take them out for the real API):\n"

@@ -521,12 +521,17 @@ def test_the_learners_fake_calls_a_tool_answers_its_result_and_summarizes():
         second = client.messages.create(model="m", max_tokens=100, tools=tools, messages=history)
         assert second.content[0].text == "(fake) the tool said: # Soul"
         summary = client.messages.create(
-            model="m", max_tokens=100, system="Summarize this conversation.",
+            model="m", max_tokens=100, system="You summarize conversations.",
             messages=[{"role": "user", "content": "a long talk"}])
         assert summary.content[0].text.startswith("(fake) A summary:")
         plain = client.messages.create(
             model="m", max_tokens=100, messages=[{"role": "user", "content": "hello"}])
         assert plain.content[0].text == "(fake) you said: hello"
+        # A section's prompt may mention summaries (a skill, HEARTBEAT.md): still an echo.
+        first = client.messages.create(
+            model="m", max_tokens=100, system="Skills: summarize a web page.", tools=tools,
+            messages=[{"role": "user", "content": "Are you there?"}])
+        assert first.content[0].text == "(fake) you said: Are you there?"
     finally:
         api.stop()
 
