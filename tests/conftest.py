@@ -2,7 +2,17 @@ import sys
 
 sys.dont_write_bytecode = True  # section modules loaded by path leave no __pycache__ in the repo
 
+import functools  # noqa: E402
+import ssl  # noqa: E402
+
+import httpcore2  # noqa: E402
 import pytest  # noqa: E402
+
+# Every test builds an SDK client (and s04 on a Telegram client); each one reads the system's CA
+# bundle into a new SSL context, about 25 ms of CPU, for servers that are all plain HTTP on
+# 127.0.0.1. In the test process one context per set of arguments is built and shared.
+httpcore2.default_ssl_context = functools.lru_cache(maxsize=None)(httpcore2.default_ssl_context)
+ssl.create_default_context = functools.lru_cache(maxsize=None)(ssl.create_default_context)
 
 from fake_anthropic import FakeAnthropic  # noqa: E402
 from harness import SDK_VARS, copy_workspace, isolated_env, load_section, section_env_values  # noqa: E402
