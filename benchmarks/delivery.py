@@ -69,8 +69,8 @@ def enqueue_rate(entries: int) -> tuple[float, float]:
 
         delivery = mod.Delivery({"telegram": Chat()}, Path(tmp) / "queue")
         delivery.load()  # no worker: only the write is measured
-        message = mod.InboundMessage(channel="telegram", account="bot", peer="42", sender="42",
-                                     text="")
+        chats = [mod.InboundMessage(channel="telegram", account="bot", peer=str(n),
+                                    sender=str(n), text="") for n in range(100)]
         text = "A reply of a usual length, a few sentences long. " * 6
         raw_dir = Path(tmp) / "raw"
         raw_dir.mkdir()
@@ -78,8 +78,8 @@ def enqueue_rate(entries: int) -> tuple[float, float]:
         enq, raw = [], []
         for _ in range(3):  # alternate, so a busy moment of the disk hurts both alike
             start = time.perf_counter()
-            for _ in range(entries // 3):
-                delivery.enqueue(message, text)
+            for number in range(entries // 3):  # many chats: each has a cap of its own
+                delivery.enqueue(chats[number % len(chats)], text)
             enq.append(entries // 3 / (time.perf_counter() - start))
             raw.append(raw_rate(raw_dir, size, entries // 3))
             for path in raw_dir.glob("*.json"):

@@ -4,6 +4,7 @@ the next chunk, retries what may pass and gives up on what will not. Run against
 later section. Time is a stepped clock: backoffs of minutes pass in milliseconds."""
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -163,26 +164,51 @@ def test_one_chats_failing_reply_holds_only_that_chats_later_replies(path, load)
     assert chat.sent == [("2", "b1"), ("1", "a1"), ("1", "a2")]
 
 
-def test_backoff_grows_then_the_entry_moves_to_failed(path, load):
+def test_backoff_grows_to_ten_minutes_then_the_entry_moves_to_failed_after_a_time(
+    path, load, monkeypatch
+):
     mod = load(path)
     clock = Clock()
     delivery, chat = queue_of(mod, clock=clock)
-    chat.errors = [mod.ChannelError("down")] * mod.MAX_ATTEMPTS
+    monkeypatch.setattr(mod, "GIVE_UP_AFTER", 3600)  # the rule, without 150 rounds of a day
+    chat.errors = [mod.ChannelError("down")] * 1000
     entry_id = delivery.enqueue(to(mod), "hello")
     delivery.start()
-    waits = []
-    for attempt in range(1, mod.MAX_ATTEMPTS):
-        wait_for(lambda: delivery.pending()[0]["attempts"] == attempt)
+    waits, attempt = [], 0
+    while not (mod.DELIVERY_DIR / "failed" / f"{entry_id}.json").exists():
+        attempt += 1
+        wait_for(lambda: not delivery.pending() or delivery.pending()[0]["attempts"] == attempt
+                 and delivery.pending()[0]["next_attempt"] > clock.now)  # both written
+        if not delivery.pending():
+            break
         waits.append(delivery.pending()[0]["next_attempt"] - clock.now)
         clock.now += waits[-1]
         delivery.wake()
     wait_for(lambda: "gave up" in "".join(mod.held_lines), what="the entry given up")
-    assert [
-        round(w / base, 1) >= 0.8 and w / base <= 1.2 for w, base in zip(waits, mod.RETRY_DELAYS)
-    ] == [True] * 4
+    bases = [*mod.RETRY_DELAYS, *[mod.RETRY_DELAYS[-1]] * len(waits)]
+    assert all(0.8 * base <= w <= 1.2 * base for w, base in zip(waits, bases)), waits
+    assert sum(waits) >= mod.GIVE_UP_AFTER - 1.2 * mod.RETRY_DELAYS[-1]  # not after 5 attempts
     failed = json.loads((mod.DELIVERY_DIR / "failed" / f"{entry_id}.json").read_text())
-    assert failed["attempts"] == mod.MAX_ATTEMPTS and "down" in failed["last_error"]
+    assert failed["attempts"] == len(waits) + 1 > 5 and "down" in failed["last_error"]
     assert f"gave up on {entry_id}" in "".join(mod.held_lines)  # the worker's log line
+
+
+def test_one_chat_cannot_fill_the_queue_and_failed_keeps_the_newest(path, load, monkeypatch):
+    mod = load(path)
+    monkeypatch.setattr(mod, "MAX_QUEUED_PER_CHAT", 2)
+    monkeypatch.setattr(mod, "MAX_FAILED", 2)
+    delivery, chat = queue_of(mod)
+    delivery.enqueue(to(mod, "1"), "a")
+    delivery.enqueue(to(mod, "1"), "b")
+    with pytest.raises(mod.ChannelError, match="2 replies to this chat"):
+        delivery.enqueue(to(mod, "1"), "c")
+    assert delivery.enqueue(to(mod, "2"), "d")  # another chat still gets its reply queued
+    chat.errors = [mod.ChannelError("blocked", "permanent")] * 3
+    delivery.start()
+    assert delivery.settle(5)
+    failed = sorted(p.name for p in (mod.DELIVERY_DIR / "failed").glob("*.json"))
+    assert failed == ["00000002.json", "00000003.json"] and chat.sent == []
+    assert "removed 00000001.json from failed/" in "".join(mod.held_lines)
 
 
 def test_telegram_errors_are_classified_by_type(path, load, tg):
@@ -351,6 +377,7 @@ def test_the_queue_commands(path, load, fake_api, tg, monkeypatch, capsys):
             sent,
             "/failed",
             "/retry 7",
+            "/retry all",
             "/retry",
             "/help",
         ],
@@ -362,11 +389,13 @@ def test_the_queue_commands(path, load, fake_api, tg, monkeypatch, capsys):
     assert "Usage: /simulate-failure telegram|feishu RATE" in out
     assert "Sends to telegram now fail 100% of the time, as a transient error." in out
     wait = mod.retry_delay("00000001", 1)  # the same every run: the jitter comes from the id
-    assert f"chunks sent 0/1, 1 failed attempt, next try {wait:.0f} s after the last" in out
+    countdown = re.search(r"chunks sent 0/1, 1 failed attempt, next try in (\d+) s", out)
+    assert countdown and wait - 2 <= int(countdown[1]) <= wait + 0.5  # counts down
     assert "a failure simulated by /simulate-failure" in out
     assert "Sends to telegram work again" in out and texts(tg.sent) == ["(fake) you said: hello"]
     assert "The delivery queue is empty" in out and "Nothing in failed/" in out
     assert "No failed reply has the id '7'" in out and "Usage: /retry ID, or /retry all" in out
+    assert "Nothing in failed/ to queue again." in out
     for name in ("/queue", "/failed", "/retry", "/simulate-failure"):
         assert f"  {name} " in out
 
@@ -454,3 +483,176 @@ def test_each_feishu_chunk_carries_its_own_uuid(path, load):
     assert delivery.settle(5)
     assert [b["uuid"] for b in bodies] == [f"{key}-{n}" for n in range(len(bodies))]
     assert len(bodies) >= 2 and all(len(b["uuid"]) <= 50 for b in bodies)  # Feishu's cap
+
+
+def screen_of(mod, capsys) -> str:
+    """What the terminal showed: printed lines and lines held for the next prompt."""
+    held = "".join(line + "\n" for line in mod.held_lines)
+    mod.held_lines.clear()
+    return capsys.readouterr().out + held
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def entry_file(mod, entry_id: str, **fields) -> dict:
+    entry = {"id": entry_id, "channel": "telegram", "account": "bot", "peer": "42",
+             "sender": "42", "thread": None, "is_group": False, "reply_to": None,
+             "chunks": ["hi"], "sent": 0, "attempts": 0, "next_attempt": 0.0,
+             "last_error": "", "created": 1_000_000.0, "key": "k", **fields}
+    write_json(mod.DELIVERY_DIR / f"{entry_id}.json", entry)
+    return entry
+
+
+def test_a_huge_retry_after_neither_kills_the_worker_nor_waits_forever(path, load, capsys):
+    mod = load(path)
+    assert mod.retry_delay("1", 1, 1e300) == mod.MAX_RETRY_AFTER  # Telegram's, Feishu's header
+    assert 4 <= mod.retry_delay("1", 1, float("nan")) <= 6 and mod.retry_delay("1", 1, -9) <= 6
+    entry_file(mod, "00000001", next_attempt=9e11)  # an entry file that waits 30,000 years
+    clock = Clock()
+    delivery, chat = queue_of(mod, clock=clock)
+    assert delivery.pending()[0]["next_attempt"] <= clock.now + mod.MAX_RETRY_AFTER
+    chat.errors = [mod.ChannelError("429", retry_after=1e300)]
+    delivery.enqueue(to(mod, "7"), "first")
+    delivery.start()
+    wait_for(lambda: delivery.pending()[-1]["attempts"] == 1, what="the 429")
+    delivery.enqueue(to(mod, "8"), "still sent")
+    wait_for(lambda: ("8", "still sent") in chat.sent, what="the worker alive")
+    assert delivery.thread.is_alive() and "Traceback" not in screen_of(mod, capsys)
+    clock.now += mod.MAX_RETRY_AFTER * 1.2
+    delivery.wake()
+    assert delivery.settle(5) and ("7", "first") in chat.sent and ("42", "hi") in chat.sent
+
+
+@pytest.mark.parametrize("bad", [{"next_attempt": "soon"}, {"attempts": "x"},
+                                 {"next_attempt": float("nan")}, {"created": None},
+                                 {"sent": True}, {"chunks": []}, {"peer": 42},
+                                 {"id": "00000009"}, {"thread": 3}])
+def test_an_entry_with_a_field_of_the_wrong_type_is_moved_aside(path, load, capsys, bad):
+    mod = load(path)
+    entry_file(mod, "00000001", **bad)
+    entry_file(mod, "00000002", peer="7")
+    delivery, chat = queue_of(mod)
+    shown = screen_of(mod, capsys)
+    assert shown.count("cannot be read") == 1 and "00000001.json" in shown
+    assert (mod.DELIVERY_DIR / "failed" / "corrupt-00000001.json").exists()
+    assert [e["id"] for e in delivery.pending()] == ["00000002"]
+    delivery.start()
+    assert delivery.settle(5) and chat.sent == [("7", "hi")] and delivery.thread.is_alive()
+
+
+def test_retry_and_the_worker_never_leave_the_queue_folder(path, load, capsys):
+    mod = load(path)
+    victim = mod.DELIVERY_DIR.parent / "victim.json"
+    write_json(victim, {"precious": True})
+    failed = mod.DELIVERY_DIR / "failed"
+    write_json(failed / "00000005.json", {**entry_file(mod, "x"), "id": "../victim"})
+    (mod.DELIVERY_DIR / "x.json").unlink()
+    write_json(failed / "00000006.json", {**entry_file(mod, "x"), "id": str(victim)[:-5]})
+    (mod.DELIVERY_DIR / "x.json").unlink()
+    write_json(failed / "\u00b2.json", {})  # "²".isdigit() is True; int("²") is an error
+    entry_file(mod, "00000007", id="../victim")
+    delivery, chat = queue_of(mod)  # no crash at start-up
+    assert delivery.pending() == [] and (failed / "corrupt-00000007.json").exists()
+    assert delivery.retry("5") == [] and delivery.retry("6") == [] and delivery.retry("all") == []
+    assert delivery.retry("\u00b2") == [] and delivery.retry("../victim") == []
+    delivery.start()
+    assert delivery.settle(5) and chat.sent == []
+    assert json.loads(victim.read_text()) == {"precious": True}
+    assert (failed / "00000005.json").exists() and (failed / "00000006.json").exists()
+
+
+def bus_of(mod, *channels):
+    client = mod.make_client()
+    bus = mod.MessageBus(client, mod.Router(mod.GATEWAY_FILE), mod.ContextGuard(client),
+                         {"terminal": mod.TerminalChannel(), **dict(channels)},
+                         mod.Pairing({"telegram": {"42"}}), mod.ApprovalQueue())
+    bus.inbox = mod.Inbox()
+    return bus
+
+
+def inbound(mod, text: str, channel: str = "telegram", update_id: int = 1):
+    return mod.InboundMessage(channel=channel, account="bot", peer="42", sender="42", text=text,
+                              raw={"update_id": update_id})
+
+
+def test_hostile_inbound_files_are_moved_aside_and_an_unknown_channel_kills_no_worker(
+    path, load, capsys, monkeypatch
+):
+    mod = load(path)
+    inbox = mod.Inbox()
+    good = {name: getattr(inbound(mod, "hello"), name) for name in mod.INBOUND_FIELDS}
+    for number, bad in enumerate([{"channel": "bogus"}, {"text": None}, {"raw": []},
+                                  {"received": "x"}, {"is_group": "no"}, {"thread": 5}]):
+        write_json(inbox.folder / f"bad{number}.json", {"received": 1.0, **good, **bad})
+    write_json(inbox.folder / "good.json", {"received": 2.0, **good})
+    waiting = inbox.pending()
+    shown = screen_of(mod, capsys)
+    assert [m.text for m in waiting] == ["hello"] and shown.count("cannot be read") == 6
+    assert sorted(p.name for p in inbox.folder.glob("*.json")) == ["good.json"]
+    # A message of a channel the bus does not have: its error handler must not raise again.
+    bus, handled = bus_of(mod), []
+
+    def handle(message):
+        if message.text == "fails":
+            raise RuntimeError("a bug")
+        handled.append(message.text)
+
+    monkeypatch.setattr(bus, "handle", handle)
+    for number in range(mod.AGENT_WORKERS + 1):
+        bus.publish(inbound(mod, "fails", update_id=10 + number))
+        assert bus.wait_until_idle(5)
+    bus.publish(inbound(mod, "answered", update_id=99))
+    assert bus.wait_until_idle(5) and handled == ["answered"]
+
+
+def test_a_message_whose_turn_raised_keeps_its_file(path, load, capsys, monkeypatch):
+    mod = load(path)
+    chat = Chat()
+    chat.name, chat.failed = "telegram", lambda message, exc: None
+    bus = bus_of(mod, ("telegram", chat))
+
+    def handle(message):
+        if message.text == "disk full":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bus, "handle", handle)
+    bus.publish(inbound(mod, "disk full"))
+    bus.publish(inbound(mod, "fine", update_id=2))
+    assert bus.wait_until_idle(5)
+    kept = list(bus.inbox.folder.glob("*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["text"] == "disk full"
+    assert f"kept in {kept[0]}" in screen_of(mod, capsys)
+    assert [m.text for m in bus.inbox.pending()] == ["disk full"]  # replayed at the next start
+
+
+def test_queue_and_failed_show_what_files_hold_escaped_and_never_crash(path, load, capsys):
+    mod = load(path)
+    entry_file(mod, "00000001", next_attempt=time.time() + 100, attempts=1,
+               last_error="\x1b[31mred\x1b[0m", peer="\u202e42")  # and no "wait" key
+    failed = mod.DELIVERY_DIR / "failed"
+    write_json(failed / "00000002.json", {"id": "\x1b]0;owned\x07", "last_error": "\x1b[2J",
+                                          "peer": "\x1b[1m", "channel": "telegram"})
+    write_json(failed / "00000003.json", ["not", "an", "entry"])
+    write_json(failed / "00000004.json", {"peer": None})
+    delivery, _ = queue_of(mod, clock=time.time)
+    repl = type("Repl", (), {"bus": type("Bus", (), {"delivery": delivery})})()
+    mod.show_queue(repl, "")
+    mod.show_failed(repl, "")
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\u202e" not in shown and "\\x1b[31mred" in shown
+    assert re.search(r"next try in (99|100) s", shown) and "3 in failed/" in shown
+
+
+def test_a_simulated_permanent_failure_goes_to_failed_and_retry_all_sends_it(path, load):
+    mod = load(path)
+    delivery, chat = queue_of(mod)
+    delivery.simulate("telegram", 1.0, "permanent")
+    entry_id = delivery.enqueue(to(mod), "hello")
+    delivery.start()
+    wait_for(lambda: (mod.DELIVERY_DIR / "failed" / f"{entry_id}.json").exists())
+    delivery.simulate("telegram", 0)
+    assert delivery.retry("all") == [entry_id] and delivery.retry("all") == []
+    assert delivery.settle(5) and chat.sent == [("42", "hello")]

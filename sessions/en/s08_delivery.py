@@ -9,8 +9,8 @@ before Telegram or Feishu hears "received". A crash at any instant loses nothing
 reply arrives twice (at-least-once).
 
 New here:
-  [s08] Delivery: write ahead, then send — fsync_dir, write_entry, retry_delay, address,
-      Delivery
+  [s08] Delivery: write ahead, then send — fsync_dir, write_entry, retry_delay, check_entry,
+      address, Delivery
   [s08] Inbound: on disk before the platform hears "received" — Inbox
   [s08] Commands: queue, failed, retry, simulate-failure — show_queue, show_failed,
       retry_failed, simulate_failure
@@ -2567,11 +2567,15 @@ class MessageBus:
                     message = self.waiting[key].popleft()
                 try:
                     self.handle(message)
+                    self.finish(message)  # s08: answered; on an error its file stays for a restart
                 except Exception as exc:  # a failed send, a bug: log it, go on with the next
-                    log(f"[{key}] not answered: {type(exc).__name__}: {printable(str(exc))}")
-                    self.channels[message.channel].failed(message, exc)
+                    kept = f"; kept in {message.inbound} until a restart" if message.inbound else ""
+                    log(f"[{key}] not answered: {type(exc).__name__}: {printable(str(exc))}{kept}")
+                    try:
+                        self.channels[message.channel].failed(message, exc)
+                    except Exception:
+                        pass  # (a channel no longer there...): the line above says it all
                 finally:
-                    self.finish(message)
                     with self.lock:
                         for parked in self.busy_senders.pop(sender):
                             self.ready.put(parked)
@@ -4328,7 +4332,8 @@ def open_target(bus: MessageBus, target: str) -> tuple[Channel, InboundMessage]:
 
 
 def deliver(bus: MessageBus, target: str, text: str, label: str) -> None:
-    """Scheduled output goes out through the target channel's send(), as a reply does."""
+    """Scheduled output goes out through the target channel's deliver(), as a reply does: to a
+    chat through the delivery queue (s08)."""
     channel, where = open_target(bus, target)
     channel.deliver(where, f"[{label}] {text}" if where.channel == "terminal" else text)
 
@@ -4947,9 +4952,14 @@ def cron_command(repl: Repl, arg: str) -> None:
 # leaves it there, and the next start sends it: nothing is lost, and at worst a reply (or one
 # chunk of it) arrives twice, when the crash falls after a send and before its mark.
 DELIVERY_DIR = STATE_DIR / "delivery-queue"  # one <id>.json per reply not yet sent
-RETRY_DELAYS = (5, 25, 120, 600)  # seconds before the 2nd..5th attempt, each ±20 % (jitter)
-MAX_ATTEMPTS = 5                  # then the entry moves to failed/ with its last error
+RETRY_DELAYS = (5, 25, 120, 600)  # seconds before the 2nd, 3rd, 4th try, then every 600, ±20 %
+GIVE_UP_AFTER = 24 * 3600         # seconds after it was queued: then to failed/, last error kept
+MAX_RETRY_AFTER = 3600            # a platform's "wait this long" is honoured up to this
+MAX_SLEEP = 60                    # the worker looks again at least this often
 MAX_QUEUED = 10_000               # entries waiting; past this a reply is refused with a line
+MAX_QUEUED_PER_CHAT = 200         # the same for one recipient: one chat cannot fill the queue
+MAX_FAILED = 1000                 # entries kept in failed/; past this the oldest goes, with a line
+ENTRY_ID = re.compile(r"[0-9]{1,20}")  # an entry's id is its file's name: digits, nothing else
 
 
 def fsync_dir(folder: Path) -> None:
@@ -4972,7 +4982,27 @@ def retry_delay(entry_id: str, attempts: int, retry_after: float = 0.0) -> float
     entry's id (entries that failed together do not all try again at one instant, and one
     entry's waits are the same every run), or longer if the platform asked for longer."""
     base = RETRY_DELAYS[min(attempts, len(RETRY_DELAYS)) - 1]
-    return max(retry_after, base * random.Random(f"{entry_id}:{attempts}").uniform(0.8, 1.2))
+    after = min(retry_after, MAX_RETRY_AFTER) if retry_after >= 0 else 0.0  # NaN: 0 too
+    return max(after, base * random.Random(f"{entry_id}:{attempts}").uniform(0.8, 1.2))
+
+
+def check_entry(entry, path: Path) -> dict:
+    """An entry read from disk (at start-up, by /retry), or ValueError: its id is its file's
+    name, and every field has the type and range enqueue() gives it (numbers finite)."""
+    def number(value) -> bool:
+        return type(value) in (int, float) and 0 <= value < 1e12  # NaN and inf fail too
+    if not (isinstance(entry, dict) and ENTRY_ID.fullmatch(path.stem) and entry.get("id") ==
+            path.stem and isinstance(entry.get("chunks"), list) and entry["chunks"]
+            and all(isinstance(c, str) for c in entry["chunks"])
+            and all(isinstance(entry.get(k), str) for k in ("channel", "account", "peer",
+                                                            "sender", "last_error"))
+            and type(entry.get("is_group")) is bool and type(entry.get("sent")) is int
+            and type(entry.get("attempts")) is int and 0 <= entry["sent"] < len(entry["chunks"])
+            and entry["attempts"] >= 0 and isinstance(entry.get("thread"), (str, type(None)))
+            and isinstance(entry.get("reply_to"), (int, type(None)))
+            and number(entry.get("next_attempt")) and number(entry.get("created"))):
+        raise ValueError("not a delivery entry")
+    return entry
 
 
 def address(entry: dict) -> InboundMessage:
@@ -5001,7 +5031,7 @@ class Delivery:
         self.entries: dict[str, dict] = {}   # id -> entry: every pending one, as on disk
         self.sending: str | None = None      # the entry the worker is sending now
         self.seq = 0                         # ids are sequence numbers: their order is the order
-        self.fail_rate: dict[str, float] = {}  # /simulate-failure: channel -> share that fails
+        self.fail_rate: dict[str, tuple] = {}  # /simulate-failure: channel -> (share, kind)
         self.order = threading.Lock()        # one enqueue at a time: ids in the order written
         self.changed = threading.Condition()
         self.thread = None
@@ -5015,20 +5045,18 @@ class Delivery:
             tmp.unlink(missing_ok=True)
         for path in sorted(self.folder.glob("*.json")):
             try:
-                entry = json.loads(path.read_text(encoding="utf-8"))
-                if entry["id"] != path.stem or not 0 <= entry["sent"] < len(entry["chunks"]) \
-                        or not all(isinstance(c, str) for c in entry["chunks"]):
-                    raise ValueError("not a delivery entry")
-                address(entry)
-            except (ValueError, KeyError, TypeError, RecursionError, OSError) as exc:
+                entry = check_entry(json.loads(path.read_text(encoding="utf-8")), path)
+            except (ValueError, RecursionError, OSError) as exc:
                 aside = self.failed_dir / f"corrupt-{path.name}"
                 path.replace(aside)
                 log(f"[delivery] {path.name} cannot be read ({type(exc).__name__}); "
                     f"moved it to {aside}")
                 continue
+            entry["next_attempt"] = min(entry["next_attempt"], self.clock() + MAX_RETRY_AFTER)
             self.entries[entry["id"]] = entry
         ids = [p.stem for p in [*self.folder.glob("*.json"), *self.failed_dir.glob("*.json")]]
-        self.seq = max((int(i) for i in ids if i.isdigit()), default=0)
+        self.seq = max((int(i) for i in ids if ENTRY_ID.fullmatch(i)), default=0)
+        self.trim_failed()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.work, name="delivery", daemon=True)
@@ -5041,9 +5069,13 @@ class Delivery:
         if not chunks:
             return None
         quote = message.raw.get("message", {}).get("message_id") if message.is_group else None
+        who = (message.channel, message.peer, message.thread)
         with self.order:
             if len(self.entries) >= MAX_QUEUED:
                 raise ChannelError(f"the delivery queue holds {MAX_QUEUED} replies already")
+            if sum((e["channel"], e["peer"], e["thread"]) == who for e in
+                   list(self.entries.values())) >= MAX_QUEUED_PER_CHAT:
+                raise ChannelError(f"{MAX_QUEUED_PER_CHAT} replies to this chat wait already")
             self.seq += 1
             entry = {"id": f"{self.seq:08d}", "channel": message.channel,
                      "account": message.account, "peer": message.peer, "sender": message.sender,
@@ -5072,16 +5104,17 @@ class Delivery:
 
     def work(self) -> None:
         while True:
-            with self.changed:
-                entry, wait = self.next_due()
-                while entry is None:  # sleeps until enqueue(), a retry's time, or wake()
-                    self.changed.wait(wait)
+            try:  # nothing ends this thread: it sends for every chat
+                with self.changed:
                     entry, wait = self.next_due()
-                self.sending = entry["id"]
-            try:
+                    while entry is None:  # sleeps until enqueue(), a retry's time, or wake()
+                        self.changed.wait(None if wait is None else min(wait, MAX_SLEEP))
+                        entry, wait = self.next_due()
+                    self.sending = entry["id"]
                 self.attempt(entry)
             except Exception as exc:  # the disk refused a write: the entry stays, as it was
-                log(f"[delivery] {entry['id']}: {type(exc).__name__}: {printable(str(exc))}")
+                log(f"[delivery] {self.sending or 'worker'}: {type(exc).__name__}: "
+                    f"{printable(str(exc))}")
                 time.sleep(1)
             finally:
                 with self.changed:
@@ -5093,8 +5126,9 @@ class Delivery:
         path, channel = self.folder / f"{entry['id']}.json", self.channels.get(entry["channel"])
         try:
             while entry["sent"] < len(entry["chunks"]):
-                if random.random() < self.fail_rate.get(entry["channel"], 0.0):
-                    raise ChannelError("a failure simulated by /simulate-failure")
+                rate, kind = self.fail_rate.get(entry["channel"], (0.0, ""))
+                if random.random() < rate:
+                    raise ChannelError("a failure simulated by /simulate-failure", kind)
                 channel.send(address(entry), entry["chunks"][entry["sent"]])
                 entry["sent"] += 1
                 if entry["sent"] < len(entry["chunks"]):
@@ -5104,15 +5138,16 @@ class Delivery:
         self.drop(entry, path)
 
     def failed(self, entry: dict, path: Path, exc: Exception) -> None:
-        """Try again later when the error may pass; else, or after MAX_ATTEMPTS, to failed/."""
+        """Try again later when the error may pass; else, or GIVE_UP_AFTER, to failed/."""
         kind, after = (exc.kind, exc.retry_after) if isinstance(exc, ChannelError) \
             else ("transient", 0.0)
         entry["attempts"] += 1
         entry["last_error"] = printable(f"{type(exc).__name__}: {exc}")[:300]
         where = f"{entry['channel']}:{entry['peer']}"
-        if kind == "permanent" or entry["attempts"] >= MAX_ATTEMPTS:
+        if kind == "permanent" or self.clock() - entry["created"] >= GIVE_UP_AFTER:
             write_entry(self.failed_dir / path.name, entry)
             self.drop(entry, path)
+            self.trim_failed()
             return log(f"[delivery] gave up on {entry['id']} to {where} after "
                        f"{plural(entry['attempts'], 'attempt')} ({kind}): {entry['last_error']}"
                        f"; /retry {entry['id']} queues it again")
@@ -5122,6 +5157,13 @@ class Delivery:
         if entry["attempts"] == 1:
             log(f"[delivery] {entry['id']} to {where} failed ({entry['last_error']}); "
                 f"trying again in {entry['wait']:.0f} s (/queue)")
+
+    def trim_failed(self) -> None:
+        """failed/ keeps the newest MAX_FAILED entries; each older one goes, with a line."""
+        kept = sorted(self.failed_dir.glob("*.json"), key=lambda p: p.name.split("-")[-1])
+        for path in kept[:-MAX_FAILED]:
+            path.unlink(missing_ok=True)
+            log(f"[delivery] removed {printable(path.name)} from failed/ (it keeps {MAX_FAILED})")
 
     def drop(self, entry: dict, path: Path) -> None:
         with self.changed:
@@ -5153,24 +5195,26 @@ class Delivery:
         found = []
         for path in sorted(self.failed_dir.glob("*.json")):
             try:
-                found.append(json.loads(path.read_text(encoding="utf-8")))
+                entry = json.loads(path.read_text(encoding="utf-8"))
             except (ValueError, OSError, RecursionError):
-                found.append({"id": path.stem, "last_error": "(cannot be read)"})
+                entry = None
+            found.append(entry if isinstance(entry, dict) else
+                         {"id": path.stem, "last_error": "(cannot be read)"})
         return found
 
     def retry(self, entry_id: str) -> list[str]:
         """Failed entries back to the queue ("all": every one), attempts from zero, in their
         old place in the order. Returns the ids queued again."""
         paths = sorted(self.failed_dir.glob("[0-9]*.json")) if entry_id == "all" else \
-            [self.failed_dir / f"{int(entry_id):08d}.json"] if entry_id.isdigit() else []
+            [self.failed_dir / f"{int(entry_id):08d}.json"] \
+            if ENTRY_ID.fullmatch(entry_id) else []
         done = []
         for path in paths:
             try:
-                entry = json.loads(path.read_text(encoding="utf-8"))
-                address(entry)
-            except (ValueError, KeyError, TypeError, OSError, RecursionError):
+                entry = check_entry(json.loads(path.read_text(encoding="utf-8")), path)
+            except (ValueError, OSError, RecursionError):
                 continue
-            entry["attempts"], entry["next_attempt"] = 0, 0.0
+            entry["attempts"], entry["next_attempt"], entry["created"] = 0, 0.0, self.clock()
             write_entry(self.folder / path.name, entry)
             path.unlink()
             with self.changed:
@@ -5179,11 +5223,11 @@ class Delivery:
             done.append(entry["id"])
         return done
 
-    def simulate(self, channel: str, rate: float) -> None:
-        """Make that share of sends to `channel` fail as a transient error. 0 switches it off,
-        and that channel's waiting entries are tried again at once."""
+    def simulate(self, channel: str, rate: float, kind: str = "transient") -> None:
+        """Make that share of sends to `channel` fail as an error of that kind (in memory: a
+        restart ends it). 0 switches it off; that channel's waiting entries go at once."""
         with self.changed:
-            self.fail_rate[channel] = rate
+            self.fail_rate[channel] = (rate, kind)
             if not rate:
                 for entry in self.entries.values():
                     if entry["channel"] == channel:
@@ -5200,6 +5244,7 @@ INBOUND_DIR = STATE_DIR / "inbound"
 KEPT_CHANNELS = ("telegram", "feishu")  # the platforms that wait for us to confirm
 INBOUND_FIELDS = ("channel", "account", "peer", "sender", "text", "sender_name", "is_group",
                   "thread", "media", "raw")
+INBOUND_TEXT = ("account", "peer", "sender", "text", "sender_name")  # str, as the channels give
 
 
 class Inbox:
@@ -5242,7 +5287,14 @@ class Inbox:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 message = InboundMessage(**{name: data[name] for name in INBOUND_FIELDS})
-                found.append((float(data["received"]), path.name, message))
+                if not (message.channel in KEPT_CHANNELS and type(data["received"]) in (int, float)
+                        and 0 <= data["received"] < 1e12 and isinstance(message.raw, dict)
+                        and type(message.is_group) is bool and all(isinstance(getattr(
+                            message, name), str) for name in INBOUND_TEXT)
+                        and all(isinstance(getattr(message, name), (str, type(None)))
+                                for name in ("thread", "media"))):
+                    raise ValueError("not a received message")
+                found.append((data["received"], path.name, message))
                 message.inbound = str(path)
             except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:
                 aside = path.with_name(f"corrupt-{path.stem}.bad")
@@ -5255,10 +5307,10 @@ class Inbox:
 # --- [s08] Commands: queue, failed, retry, simulate-failure -------------------
 def show_queue(repl: Repl, arg: str) -> None:
     entries, now = repl.bus.delivery.pending(), time.time()
-    for e in entries:
-        due = "now" if e["next_attempt"] <= now else f"{e['wait']:.0f} s after the last"
-        error = f"; last error: {e['last_error']}" if e["last_error"] else ""
-        print(f"  {e['id']}  {e['channel']}:{printable(e['peer'])}  chunks sent "
+    for e in entries:  # checked on load: every field is there, with its type; shown escaped
+        due = "now" if e["next_attempt"] <= now else f"in {-((now - e['next_attempt']) // 1):.0f} s"
+        error = f"; last error: {printable(e['last_error'])}" if e["last_error"] else ""
+        print(f"  {e['id']}  {printable(e['channel'])}:{printable(e['peer'])}  chunks sent "
               f"{e['sent']}/{len(e['chunks'])}, {plural(e['attempts'], 'failed attempt')}, "
               f"next try {due}{error}")
     if not entries:
@@ -5267,9 +5319,9 @@ def show_queue(repl: Repl, arg: str) -> None:
 
 def show_failed(repl: Repl, arg: str) -> None:
     failed = repl.bus.delivery.failures()
-    for e in failed:
-        where = f"{e.get('channel')}:{printable(str(e.get('peer')))}" if "peer" in e else "?"
-        print(f"  {e['id']}  {where}  {printable(str(e.get('last_error')))}")
+    for e in failed:  # anything a file holds, escaped
+        where = printable(f"{e.get('channel')}:{e.get('peer')}") if "peer" in e else "?"
+        print(f"  {printable(str(e.get('id')))}  {where}  {printable(str(e.get('last_error')))}")
     print(f"{len(failed)} in failed/ (/retry ID or /retry all)" if failed else
           "Nothing in failed/: no reply was given up on.")
 
@@ -5279,20 +5331,22 @@ def retry_failed(repl: Repl, arg: str) -> None:
         return print("Usage: /retry ID, or /retry all")
     done = repl.bus.delivery.retry(arg)
     print(f"Queued again: {', '.join(done)}" if done else
+          "Nothing in failed/ to queue again." if arg == "all" else
           f"No failed reply has the id {printable(arg)!r}; /failed lists them.")
 
 
 def simulate_failure(repl: Repl, arg: str) -> None:
-    channel, _, rate = arg.partition(" ")
+    channel, rate, kind = (arg.split() + ["", "", ""])[:3]  # s08: a kind, optionally
     try:
         share = float(rate)
     except ValueError:
         share = -1.0
-    if channel not in KEPT_CHANNELS or not 0.0 <= share <= 1.0:
-        return print(f"Usage: /simulate-failure {'|'.join(KEPT_CHANNELS)} RATE "
+    if channel not in KEPT_CHANNELS or not 0.0 <= share <= 1.0 or kind not in ("", "permanent"):
+        return print(f"Usage: /simulate-failure {'|'.join(KEPT_CHANNELS)} RATE [permanent] "
                      "(0.0 to 1.0; 0 switches it off)")
-    repl.bus.delivery.simulate(channel, share)
-    print(f"Sends to {channel} now fail {share:.0%} of the time, as a transient error."
+    kind = kind or "transient"
+    repl.bus.delivery.simulate(channel, share, kind)
+    print(f"Sends to {channel} now fail {share:.0%} of the time, as a {kind} error."
           if share else f"Sends to {channel} work again; what waits for {channel} goes now.")
 
 
@@ -5347,7 +5401,8 @@ COMMANDS = {
     "/queue": (show_queue, "", "replies waiting to be sent: chunks sent, attempts, last error"),
     "/failed": (show_failed, "", "replies given up on, with their last error"),
     "/retry": (retry_failed, "ID|all", "queue a failed reply again"),
-    "/simulate-failure": (simulate_failure, "CHANNEL RATE", "make that share of sends fail"),
+    "/simulate-failure": (simulate_failure, "CHANNEL RATE [permanent]",
+                          "make that share of sends fail (until a restart)"),
     "/help": (show_help, "", "show this list"),
 }
 
@@ -5428,7 +5483,10 @@ def main() -> int:
         channel.start(receive)
     waiting = bus.inbox.pending()
     for message in waiting:
-        bus.publish(message)
+        try:
+            bus.publish(message)
+        except Exception as exc:  # its file stays; one line, and the next one is replayed
+            log(f"[inbound] {message.inbound}: {type(exc).__name__}: {printable(str(exc))}")
     replayed.set()
     bus.delivery.start()
     print("Channels: " + " · ".join(channel.status() for channel in channels.values()))
