@@ -8,7 +8,7 @@ TURN_TIMEOUT stops at a safe point; a reply that still comes is sent, marked lat
 
 New here:
   [s10] Lanes: named queues, a lane per session, futures with timeouts — check_queue_modes,
-      Job, CommandQueue, told_to_stop, current_stop
+      Job, CommandQueue, answered_to, told_to_stop, current_stop
   [s10] Subagents: a child turn on its own lane — ChildOutput, start_subagent, child_turn,
       wait_subagent, spawn_subagent, start_subagents
   [s10] Commands: lanes, concurrency, reset — show_lanes, set_concurrency, reset_sessions
@@ -19,6 +19,7 @@ Changed here:
   Channel, GatewayChannel — timed_out(): the caller hears at once; a late reply follows
   HeartbeatRunner, CronService — no lock, no flags: the lanes say what is busy
   main — QUEUE_MODES is checked at start
+  run_command — a command that fails is a line; the REPL goes on
 Carried from earlier:
   [s01] Configuration · Errors, by type · The agent loop · The REPL: one table of commands
   [s02] Tools: where they may reach · Tools: the handlers · Exec approvals
@@ -57,6 +58,7 @@ import uuid
 import warnings
 from collections import deque
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -300,7 +302,7 @@ def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
             if told_to_stop(stop, messages, consistent, out):  # s10: its tools do not run
                 return None
             results, interrupted = run_tool_calls(message.content, out,
-                                                  agent.tools if agent else None)
+                                                  agent.tools if agent else None, stop)
             # The call and its results join the history together: it is whole again.
             messages.append({"role": "assistant", "content": assistant_content(message)})
             messages.append({"role": "user", "content": results})
@@ -1067,30 +1069,35 @@ def preview(text: str) -> str:
     return first + (f"  (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
 
 
-def run_tool_calls(content: list, out: TerminalOutput,
-                   allowed: list | None = None) -> tuple[list, bool]:
+def run_tool_calls(content: list, out: TerminalOutput, allowed: list | None = None,
+                   stop: threading.Event | None = None) -> tuple[list, bool]:
     """Answer every tool_use block with a tool_result, in order.
 
     Ctrl-C stops the tool that is running and skips the rest, but each call
     still gets its result, so the history stays one the API accepts.
+    s10: so does `stop` once set; skipped spawn calls stop their children.
     Returns (tool_result blocks, interrupted).
     """
     results, interrupted = [], False
-    early = start_subagents(content, out, allowed)  # s10: spawn calls run side by side
+    early = start_subagents(content, out, allowed, stop)  # s10: spawn calls run side by side
     for block in content:
         if block.type != "tool_use":
             continue
-        if interrupted:
-            text, is_error = "not run: the person interrupted the turn", True
+        if interrupted or (stop is not None and stop.is_set()):
+            why = "the person interrupted the turn" if interrupted else "the turn was told to stop"
+            text, is_error = early[block.id](why) if block.id in early else \
+                (f"not run: {why}", True)
         else:
             args = printable(json.dumps(block.input, ensure_ascii=False))
             name = printable(block.name)
             out.note(f"  → {name} {args if len(args) <= 100 else args[:97] + '...'}")
             try:
-                text, is_error = early.pop(block.id)() if block.id in early else \
+                text, is_error = early[block.id]() if block.id in early else \
                     run_tool(block.name, block.input, out.approve, allowed, out)
             except KeyboardInterrupt:
                 text, is_error, interrupted = "interrupted by the person", True, True
+                if block.id in early:  # s10: its child is told to stop too
+                    text, is_error = early[block.id]("the person interrupted the turn")
             out.note(f"  {'✗' if is_error else '←'} {preview(text)}")
         results.append({"type": "tool_result", "tool_use_id": block.id,
                         "content": text or "(no output)", "is_error": is_error})
@@ -2524,7 +2531,7 @@ class MessageBus:
         return self.router.resolve(message, message.raw.get("agent_id")
                                    if message.channel == "webchat" else None)
 
-    def publish(self, message: InboundMessage) -> None:
+    def publish(self, message: InboundMessage) -> Job | None:
         if self.inbox and message.inbound is None and not self.inbox.keep(message):
             return  # s08: on disk already: sent again before a crash let it be confirmed
         # Routed once, here: a binding changed meanwhile cannot send it to another session.
@@ -2532,22 +2539,22 @@ class MessageBus:
         key = message.route.session_key
         allowed = message.channel == "webchat" or \
             self.pairing.is_allowed(message.channel, message.sender)
-        if message.is_group and not allowed:  # a stranger in a group: never queued
+        # A stranger is never queued (s10: in a direct chat neither, whose session may be a
+        # person's with dm_scope main; refuse() only puts its reply on disk, s08).
+        if not allowed:
             return self.refuse(message, self.channels[message.channel])
-        if allowed and message.text.strip() == "/new":  # s10: a new generation of the session
+        if message.text.strip() == "/new":  # s10: a new generation of the session
             self.reset(key, "/new started a new conversation", stop=False)
+        collect = QUEUE_MODES.get(message.channel) == "collect" and not message.text.startswith("/")
         with self.lock:
-            line = self.waiting.get(key)
-            if not line:
+            if not self.waiting.get(key):
                 self.told_busy.discard(key)
-            last = line[-1] if line else None
-            if last is not None and last.open and QUEUE_MODES.get(message.channel) == "collect" \
-                    and not message.text.startswith("/") and len(last.messages) < MAX_COLLECTED:
-                last.messages.append(message)  # s10 collect: it joins the turn that waits
-                last.quiet_from = time.monotonic()
+            joined = collect and self.lanes.join(key, message)  # s10: it joins the turn that waits
+            if joined:
                 return log(f"[{key}] {printable(preview(message.text))} (collected: "
-                           f"{len(last.messages)} messages for the next turn)")
-            if self.lanes.waiting_in(key) >= MAX_WAITING_TURNS:
+                           f"{joined} messages for the next turn)")
+            if self.lanes.waiting_in(key) >= MAX_WAITING_TURNS or \
+                    self.lanes.waiting_in() >= MAX_WAITING_JOBS:
                 # Once per full line for a chat; a gateway client waits for every answer.
                 if allowed and (key not in self.told_busy or message.channel == "webchat"):
                     self.told_busy.add(key)
@@ -2556,19 +2563,19 @@ class MessageBus:
                 return self.finish(message)
             job = Job("main", key, self.turn, f"{message.channel}:{message.sender}",
                       TURN_TIMEOUT, lambda: self.channels[message.channel].timed_out(message))
-            job.messages = [message]
-            job.open = QUEUE_MODES.get(message.channel) == "collect" and \
-                not message.text.startswith("/")
-            self.lanes.add(job)
+            job.messages, job.open = [message], collect
+            return self.lanes.add(job)
 
     def turn(self, job: Job) -> None:
         """s10: a person's job, on the main lane. In collect mode it first waits for a quiet
         moment: messages that come meanwhile become one turn."""
         while job.open:
-            with self.lock:
+            with self.lanes.lock:  # where join() adds to it and reset() closes it
                 quiet = job.quiet_from + COLLECT_DEBOUNCE - time.monotonic()
-                job.open = quiet > 0
+                job.open = job.open and quiet > 0
             time.sleep(max(quiet, 0))
+        if job.cancelled:  # reset before it began: its messages were answered as cancelled
+            return
         first = job.messages[0]
         message = first if len(job.messages) == 1 else InboundMessage(**{
             **vars(first), "text": "\n".join(m.prompt_text() for m in job.messages),
@@ -3234,7 +3241,7 @@ class GatewayChannel(Channel):
         message = InboundMessage(channel="webchat", account="gateway", peer=peer, sender=peer,
                                  text=text, raw={"reply_id": reply_id, "agent_id": agent_id})
         pieces = self.replies[reply_id] = asyncio.Queue()
-        self.bus.publish(message)
+        job = self.bus.publish(message)
         route = message.route  # decided once, by the bus
         try:
             while True:
@@ -3248,6 +3255,10 @@ class GatewayChannel(Channel):
                 await self.notify(connection, f"chat.{kind}",
                                   {"request_id": request_id, "session_key": route.session_key,
                                    "text": piece})
+        except asyncio.CancelledError:  # s10: the client hung up: a turn not begun never runs
+            if job is not None and self.bus.lanes.cancel(job):
+                self.bus.finish(message)
+            raise
         finally:
             self.replies.pop(reply_id, None)
 
@@ -5730,6 +5741,7 @@ MAX_LANE_LIMIT = 64  # /concurrency takes 1 to this
 TURN_TIMEOUT = number_setting("TURN_TIMEOUT", 600.0, 0.1)  # seconds before a turn is told to stop
 COLLECT_DEBOUNCE = number_setting("COLLECT_DEBOUNCE", 1.5, 0.0, 60)  # quiet seconds before collect
 MAX_COLLECTED = 20  # messages one collected turn takes; the next one starts a turn of its own
+MAX_WAITING_JOBS = 100  # jobs waiting on all lanes; past it every new message is told "busy"
 QUEUE_MODES = dict(part.strip().partition("=")[::2] for part in  # channel -> followup | collect
                    (os.getenv("QUEUE_MODES") or "").split(",") if part.strip())
 TIMEOUT_REPLY = (f"(no answer within {TURN_TIMEOUT:g} s: I asked that turn to stop; "
@@ -5756,6 +5768,7 @@ class Job:
         self.future: Future = Future()
         self.stop = threading.Event()  # set: the turn ends at its next safe point
         self.started = self.late = self.open = False  # open: collect mode, more may join
+        self.cancelled = False  # reset while it still collected: answered as cancelled
         self.answered = False  # late or answered: whichever comes first (under .lock)
         self.lock = threading.Lock()
         self.generation = 0
@@ -5855,27 +5868,66 @@ class CommandQueue:
 
     def reset(self, key: str, stop: bool = True) -> list[Job]:
         """A new generation of session `key`: its jobs not started are taken out and
-        cancelled (returned, to be answered); `stop`: a running one is told to stop."""
+        cancelled (returned, to be answered), and so is a running one that still collects;
+        `stop`: a running one is told to stop."""
         with self.lock:
             self.generations[key] = self.generations.get(key, 0) + 1
-            line = self.sessions.get(key, deque())
-            dropped = [job for job in line if not job.started]
-            for job in dropped:
-                line.remove(job)
-                if job in self.ready[job.lane]:
-                    self.ready[job.lane].remove(job)
-            for job in line:
+            dropped = self.take(key, lambda job: True)
+            for job in self.sessions.get(key, ()):  # the running one
+                if job.open:  # its turn has not begun: nothing joins it, it never begins
+                    job.open, job.cancelled = False, True
+                    dropped.append(job)
                 if stop:
                     job.stop.set()
-            if not line:
-                self.sessions.pop(key, None)
         for job in dropped:
             job.future.cancel()
         return dropped
 
-    def waiting_in(self, key: str) -> int:
+    def take(self, key: str, which) -> list[Job]:
+        """With the lock held: the jobs of session `key` not started that which(job) picks
+        leave both queues; the next job of the session moves up."""
+        line = self.sessions.get(key, deque())
+        taken = [job for job in line if not job.started and which(job)]
+        for job in taken:
+            line.remove(job)
+            if job in self.ready[job.lane]:
+                self.ready[job.lane].remove(job)
+        if line and not line[0].started and line[0] not in self.ready[line[0].lane]:
+            self.ready[line[0].lane].append(line[0])
+        if not line:
+            self.sessions.pop(key, None)
+        self.pump()
+        return taken
+
+    def cancel(self, job: Job) -> bool:
+        """Its caller gave up (a gateway client hung up, a parent stopped): a job not
+        started leaves the queues. False: it runs already (or ended)."""
         with self.lock:
-            return sum(not job.started for job in self.sessions.get(key, ()))
+            taken = self.take(job.key, lambda each: each is job)
+        for each in taken:
+            each.future.cancel()
+        return bool(taken)
+
+    def join(self, key: str, message: InboundMessage) -> int:
+        """Collect mode: `message` joins the last job of session `key` if that one still
+        collects (its turn not begun, not reset, not told to stop), answers the same person
+        in the same chat, and has room. -> how many messages it has now; 0: not joined."""
+        with self.lock:
+            line = self.sessions.get(key)
+            last = line[-1] if line else None
+            if last is None or not last.open or last.stop.is_set() or \
+                    len(last.messages) >= MAX_COLLECTED or \
+                    answered_to(last.messages[0]) != answered_to(message):
+                return 0
+            last.messages.append(message)
+            last.quiet_from = time.monotonic()
+            return len(last.messages)
+
+    def waiting_in(self, key: str | None = None) -> int:
+        """Jobs not started: of session `key`, or (no key) on every lane."""
+        with self.lock:
+            lines = [self.sessions.get(key, ())] if key else list(self.sessions.values())
+            return sum(not job.started for line in lines for job in line)
 
     def set_limit(self, lane: str, limit: int) -> None:
         with self.lock:
@@ -5894,6 +5946,11 @@ class CommandQueue:
                 busy.append((key, self.generations.get(key, 0), first.started,
                              len(line) - first.started))
         return lanes, busy
+
+
+def answered_to(message: InboundMessage) -> tuple:
+    """Who a message's answer goes to: a collected turn answers one person in one chat."""
+    return message.channel, message.account, message.peer, message.sender
 
 
 def told_to_stop(stop: threading.Event | None, messages: list, consistent: list,
@@ -5915,6 +5972,7 @@ def current_stop() -> threading.Event | None:
 
 # --- [s10] Subagents: a child turn on its own lane ----------------------------
 SUBAGENT_TIMEOUT = number_setting("SUBAGENT_TIMEOUT", 300.0, 0.1)  # the parent waits this long
+MAX_SPAWNS = 8  # spawn calls one model reply may make; the rest get an error result
 PARENT_ONLY_TOOLS = {"spawn_subagent", "cron_add", "cron_list", "cron_remove"}  # depth 1
 SUBAGENT_PROMPT = ("You are a subagent: another agent gave you one task. Do it with your tools "
                    "and answer with the result only, concisely. Nobody can approve commands "
@@ -5945,8 +6003,9 @@ class ChildOutput:
         return "".join(self.parts).strip()
 
 
-def start_subagent(task: str, agent_id: str = "", out=None) -> Job:
-    """Queue a child turn on the subagent lane, in a session of its own."""
+def start_subagent(task: str, agent_id: str = "", out=None, allowed: list | None = None) -> Job:
+    """Queue a child turn on the subagent lane, in a session of its own. It gets the named
+    agent's tools that its parent has too (`allowed`: the parent's), never more."""
     bus = BUS
     if bus is None or getattr(out, "channel_name", "") == "subagent":
         raise ToolError("a subagent cannot start another one" if bus else "no gateway is running")
@@ -5954,33 +6013,54 @@ def start_subagent(task: str, agent_id: str = "", out=None) -> Job:
     if agent is None:
         raise ToolError(f"no agent {agent_id!r}; the agents are {', '.join(bus.router.agents)}")
     child = Agent(agent.id, agent.name, agent.model,
-                  [name for name in agent.tools if name not in PARENT_ONLY_TOOLS])
+                  [name for name in agent.tools if name not in PARENT_ONLY_TOOLS and
+                   (allowed is None or name in allowed)])
     key = f"agent:{agent.id}:subagent:{uuid.uuid4()}"
     return bus.lanes.add(Job("subagent", key, lambda job: child_turn(bus, child, key, task, job)))
 
 
 def child_turn(bus: MessageBus, agent: Agent, key: str, task: str, job: Job) -> str:
-    """A turn with a minimal prompt (no personality, memory or skills) and no spawn or cron."""
+    """A turn with a minimal prompt (no personality, memory or skills) and no spawn or cron.
+    Its session is created only if it runs, and leaves memory when it ends (disk keeps it)."""
+    if job.stop.is_set():
+        raise RuntimeError("told to stop before it began")
     out = ChildOutput(key)
     prompt = Prompt([Layer("base", "SUBAGENT_PROMPT", SUBAGENT_PROMPT)],
                     [Layer("runtime", "built each turn", runtime_facts(agent, "subagent"))])
-    session = bus.store_for(agent.id).for_key(key)
-    reply = agent_turn(bus.client, session, task, bus.guard, out, agent, job.stop, prompt)
+    store = bus.store_for(agent.id)
+    try:
+        reply = agent_turn(bus.client, store.for_key(key), task, bus.guard, out, agent,
+                           job.stop, prompt)
+    finally:
+        with store.lock:
+            store.by_key.pop(key, None)
     if reply is None:
         raise RuntimeError(out.text() or "the turn ended early")
     return reply
 
 
-def wait_subagent(job: Job) -> tuple[str, bool]:
-    """The child's answer as (tool result, is_error), waiting at most SUBAGENT_TIMEOUT."""
-    try:
-        return job.future.result(SUBAGENT_TIMEOUT), False
-    except TimeoutError:
+def wait_subagent(job: Job, deadline: float, stop: threading.Event | None = None,
+                  why: str = "") -> tuple[str, bool]:
+    """The child's answer as (tool result, is_error). Waits until `deadline` (one for all
+    children of a reply) in short slices, so a parent told to `stop` stops waiting at once;
+    `why` given, it does not wait. A child not answering is cancelled or told to stop."""
+    while not why and not job.future.done():
+        if stop is not None and stop.is_set():
+            why = "the turn was told to stop"
+        elif time.monotonic() >= deadline:
+            why = f"it did not answer within {SUBAGENT_TIMEOUT:g} s"
+        else:
+            futures_wait([job.future], min(0.05, deadline - time.monotonic()))
+    if not job.future.done():
+        if BUS is not None and BUS.lanes.cancel(job):
+            return f"not run: {why}", True
         job.stop.set()
         job.future.add_done_callback(lambda f: log(f"[{job.key}] finished after its parent "
                                                    "stopped waiting; its session keeps it"))
-        return (f"the subagent did not answer within {SUBAGENT_TIMEOUT:g} s and was told to "
-                f"stop; its session {job.key} keeps what it did"), True
+        return (f"the subagent was told to stop ({why}); its session {job.key} keeps what "
+                "it did so far"), True
+    try:
+        return job.future.result(), False
     except CancelledError:
         return "the subagent was cancelled (its session was reset)", True
     except Exception as exc:
@@ -5988,26 +6068,31 @@ def wait_subagent(job: Job) -> tuple[str, bool]:
 
 
 def spawn_subagent(task: str, agent_id: str = "", out=None) -> str:
-    text, failed = wait_subagent(start_subagent(task, agent_id, out))
+    job = start_subagent(task, agent_id, out)
+    text, failed = wait_subagent(job, time.monotonic() + SUBAGENT_TIMEOUT, current_stop())
     if failed:
         raise ToolError(text)
     return text
 
 
-def start_subagents(content: list, out, allowed: list | None) -> dict:
-    """Every spawn_subagent call of one reply starts at once, so the children run side by
-    side; the tool loop then collects each answer in order. -> {tool_use id: collect()}"""
-    started = {}
+def start_subagents(content: list, out, allowed: list | None,
+                    stop: threading.Event | None = None) -> dict:
+    """Every spawn_subagent call of one reply (at most MAX_SPAWNS) starts at once, so the
+    children run side by side; the tool loop then collects each answer in order, all by one
+    deadline. -> {tool_use id: collect(why="")}; collect("why") stops the child instead."""
+    started, deadline = {}, time.monotonic() + SUBAGENT_TIMEOUT
     for block in content:
         if block.type != "tool_use" or block.name != "spawn_subagent" or \
                 (allowed is not None and block.name not in allowed):
             continue
         try:
+            if len(started) >= MAX_SPAWNS:
+                raise ToolError(f"not run: at most {MAX_SPAWNS} subagents per reply")
             check_arguments(block.name, block.input)
-            job = start_subagent(**block.input, out=out)
-            started[block.id] = lambda job=job: wait_subagent(job)
+            job = start_subagent(**block.input, out=out, allowed=allowed)
+            started[block.id] = lambda why="", job=job: wait_subagent(job, deadline, stop, why)
         except ToolError as exc:
-            started[block.id] = lambda text=str(exc): (text, True)
+            started[block.id] = lambda why="", text=str(exc): (text, True)
     return started
 
 
@@ -6035,7 +6120,7 @@ def show_lanes(repl: Repl, arg: str) -> None:
 
 def set_concurrency(repl: Repl, arg: str) -> None:
     lane, _, number = arg.partition(" ")
-    if lane not in repl.bus.lanes.limits or not number.strip().isdigit() or \
+    if lane not in repl.bus.lanes.limits or not re.fullmatch(r"[0-9]+", number.strip()) or \
             not 1 <= int(number) <= MAX_LANE_LIMIT:
         return print(f"Usage: /concurrency LANE N, LANE one of {', '.join(LANE_LIMITS)}, "
                      f"N from 1 to {MAX_LANE_LIMIT}")
@@ -6133,7 +6218,10 @@ def run_command(repl: Repl, line: str) -> None:
         print(f"Unknown command {name}; /help lists the commands.")
         return
     handler = COMMANDS[name][0]
-    handler(repl, arg.strip())
+    try:
+        handler(repl, arg.strip())
+    except Exception as exc:  # s10: a command's bug is a line; the gateway and its turns go on
+        print(f"{name} failed: {type(exc).__name__}: {printable(str(exc))}")
 
 
 def shut_down(bus: MessageBus) -> None:
