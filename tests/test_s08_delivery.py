@@ -595,7 +595,7 @@ def test_hostile_inbound_files_are_moved_aside_and_an_unknown_channel_kills_no_w
     # A message of a channel the bus does not have: its error handler must not raise again.
     bus, handled = bus_of(mod), []
 
-    def handle(message):
+    def handle(message, *job):  # s10 passes the turn's job too
         if message.text == "fails":
             raise RuntimeError("a bug")
         handled.append(message.text)
@@ -614,7 +614,7 @@ def test_a_message_whose_turn_raised_keeps_its_file(path, load, capsys, monkeypa
     chat.name, chat.failed = "telegram", lambda message, exc: None
     bus = bus_of(mod, ("telegram", chat))
 
-    def handle(message):
+    def handle(message, *job):  # s10 passes the turn's job too
         if message.text == "disk full":
             raise OSError(28, "No space left on device")
 

@@ -4,6 +4,7 @@ fallback model, compaction (overflow), or nothing (an invalid request is shown).
 and every later section, in-process, with a stepped clock and a sleep that only records."""
 
 import json
+import time
 
 import pytest
 
@@ -27,8 +28,8 @@ def second_api():
 
 
 class Clock:
-    def __init__(self, now: float = 1_900_000_000.0):
-        self.now = now
+    def __init__(self, now: float | None = None):
+        self.now = float(int(time.time())) if now is None else now  # a file is checked at load
 
     def __call__(self) -> float:
         return self.now
@@ -92,8 +93,8 @@ def test_retry_after_header_sets_the_cooldown(onion, fake_api, capsys):
     # Still cooling, but it is the only key: tried anyway, once, and said so (never refused).
     assert turn(mod, client, session, "two") is None
     out = capsys.readouterr().out
-    assert (f"[every profile is cooling down; trying profile 1 · model {MODEL} anyway, once: "
-            "its cooldown ends first") in out
+    assert (f"[every profile is cooling down or failed; trying profile 1 · model {MODEL} anyway,"
+            " once: its cooldown ends first") in out
     assert "Rate limited (429)" in out and len(fake_api.requests) == 2  # one call, no more
     assert client.cooldowns.entry("1", MODEL)["until"] == clock.now + 300  # and it grew
     assert turn(mod, client, session, "three") == "(fake) you said: three"  # tried anyway
@@ -166,12 +167,12 @@ def test_overloaded_and_5xx_retry_the_call_in_place_first(onion, fake_api, statu
     assert client.stats["retries"] == 2 and client.cooldowns.active() == []
 
 
-def test_overloaded_three_times_cools_briefly_and_moves(onion, fake_api, second_api):
-    mod, client, session, clock, slept = onion()
+def test_overloaded_three_times_moves_on_without_cooling_the_key(onion, fake_api, second_api):
+    mod, client, session, clock, slept = onion()  # profile 2 is another base URL: another service
     fake_api.script(*[error(529, "overloaded_error", should_retry=True)] * 3)
     assert turn(mod, client, session) == "(fake) you said: hello"
     assert len(fake_api.requests) == 3 and len(second_api.requests) == 1
-    assert client.cooldowns.entry("1", MODEL)["until"] == clock.now + 60
+    assert client.cooldowns.active() == []  # the service's fault, not the key's
 
 
 def test_x_should_retry_false_skips_the_retry_in_place(onion, fake_api, second_api):
@@ -262,8 +263,8 @@ def Repl(mod, client, session):
     return mod.Repl(client, session, None, None)
 
 
-@pytest.mark.parametrize("kind", ["auth", "billing", "rate_limit", "overloaded", "server",
-                                  "overflow", "invalid"])
+@pytest.mark.parametrize("kind", ["auth", "billing", "permission", "rate_limit", "overloaded",
+                                  "server", "connection", "overflow", "invalid"])
 def test_simulated_failures_are_classified_like_real_ones(onion, kind):
     mod, client, session, clock, slept = onion(profiles=1)
     client.injected.append(kind)
@@ -301,3 +302,124 @@ def test_profiles_file_and_fingerprints(onion, path, load, fake_api, capsys):
     with pytest.raises(SystemExit) as exited:
         load(path).make_client()
     assert exited.value.code == 2 and "profiles[0]" in capsys.readouterr().err
+
+
+def test_a_corrupt_cooldowns_file_is_dropped_not_obeyed(onion, workspace, fake_api, capsys):
+    state = state_of(workspace)
+    state.mkdir(exist_ok=True)
+    now = time.time()
+    (state / "cooldowns.json").write_text(json.dumps({
+        "1|*": {"until": 1e300, "reason": "auth", "count": 1},  # would block every call for good
+        f"1|{MODEL}": {"until": now + 60, "reason": "rate_limit", "count": "x"},
+        "2|*": {"until": float("nan"), "reason": "auth", "count": 1},
+        "3|m": {"until": now + 60, "reason": "\x1b[2J", "count": 1}, "4": 5,
+        "5|m": {"until": now + 60, "reason": "rate_limit", "count": 2}}))  # this one is sound
+    mod, client, session, clock, slept = onion(profiles=1)
+    assert "dropped 5 of its 6 entries" in capsys.readouterr().out
+    assert [key for key, _ in client.cooldowns.active()] == ["5|m"]
+    assert turn(mod, client, session) == "(fake) you said: hello"
+    fake_api.script(error(429, "rate_limit_error"))
+    assert turn(mod, client, session, "two") is None  # cool() works: no TypeError
+    mod.show_cooldowns(Repl(mod, client, session), "")
+    mod.show_profiles(Repl(mod, client, session), "")
+    assert "rate limit #1" in capsys.readouterr().out
+    assert mod.shown_clock(1e300) == "?" and mod.shown_seconds(1e300) == "?"
+
+
+def test_an_overload_everywhere_costs_one_budget_not_every_key_and_model(onion, fake_api,
+                                                                          capsys):
+    mod, _, session, clock, slept = onion(profiles=1)
+    profiles = [mod.Profile(str(n), f"key-{n}", fake_api.base_url) for n in range(1, 10)]
+    client = mod.Onion(profiles, ["claude-haiku-5", "claude-opus-5"], clock, slept.append)
+    fake_api.script(*[error(529, "overloaded_error", should_retry=True)] * 81)
+    assert turn(mod, client, session) is None
+    assert len(fake_api.requests) == 6 and sum(slept) <= 20  # it was 81 requests and 76 s
+    assert [r["model"] for r in fake_api.requests] == [MODEL] * 3 + ["claude-haiku-5"] * 3
+    assert client.stats["switches"] == 0 and client.stats["fallbacks"] == 1  # one key
+    assert client.cooldowns.active() == [] and "overloaded (529)" in capsys.readouterr().out
+
+
+def test_a_passing_failure_does_not_break_a_compaction(onion, fake_api):
+    mod, client, session, clock, slept = onion(profiles=1)
+    for text in ("one", "two", "three", "four", "five"):
+        turn(mod, client, session, text)
+    fake_api.script(error(400, "invalid_request_error", "prompt is too long: 9 tokens > 8 maximum"),
+                    error(529, "overloaded_error", should_retry=True),  # the summary's call
+                    reply("Summary."), reply("after compaction"))
+    assert turn(mod, client, session, "six") == "after compaction"
+    assert len(slept) == 1
+    assert_valid_history(session.messages)
+
+
+@pytest.mark.parametrize("status, kind", [(408, "timeout_error"), (409, "conflict_error")])
+def test_408_and_409_are_retried_in_place(onion, fake_api, status, kind):
+    mod, client, session, clock, slept = onion(profiles=1)
+    fake_api.script(error(status, kind, should_retry=True))
+    assert turn(mod, client, session) == "(fake) you said: hello"
+    assert len(fake_api.requests) == 2 and len(slept) == 1
+
+
+def test_a_fallback_model_not_served_does_not_hide_the_first_failure(onion, fake_api, capsys):
+    mod, client, session, clock, slept = onion(profiles=1, fallbacks="claude-haiku-5")
+    fake_api.script(error(429, "rate_limit_error"),
+                    error(404, "not_found_error", "model: claude-haiku-5"))
+    assert turn(mod, client, session) is None
+    out = capsys.readouterr().out
+    assert "Rate limited (429)" in out and "(404)" not in out
+
+
+def test_commands_escape_what_they_show_and_hide_url_passwords(onion, capsys):
+    mod, _, session, clock, slept = onion(profiles=1)
+    profile = mod.Profile("1", "key", "http://ada:s3cret@127.0.0.1:9/v1")
+    client = mod.Onion([profile], [], clock, slept.append)
+    client.cooldowns.cool("1", "evil\x1b[2J", "rate_limit", None)
+    mod.show_profiles(Repl(mod, client, session), "")
+    mod.show_cooldowns(Repl(mod, client, session), "")
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.count("evil\\x1b[2J") == 2
+    assert "s3cret" not in out and "http://***@127.0.0.1:9/v1" in out
+
+
+def test_the_fallback_step_works_right_after_the_try_it(onion, fake_api, capsys):
+    mod, client, session, clock, slept = onion(profiles=1, fallbacks="claude-haiku-5")
+    client.cooldowns.cool("1", MODEL, "rate_limit", None)  # what the Try it leaves, for 1 min
+    mod.simulate_model_failure(Repl(mod, client, session), "rate_limit")
+    assert turn(mod, client, session) == "(fake) you said: hello"  # lands on the fallback
+    out = capsys.readouterr().out
+    assert "[profile 1 · model claude-haiku-5: rate limit; cooling 1 min]" in out
+    assert f"trying profile 1 · model {MODEL} anyway, once" in out
+    clock.now += 3600  # later: the main model is free, the simulated 429 lands on it
+    mod.simulate_model_failure(Repl(mod, client, session), "rate_limit")
+    assert turn(mod, client, session, "two") == "(fake) you said: two"
+    assert "[profile 1 · model claude-haiku-5 · tokens" in capsys.readouterr().out
+
+
+def test_a_call_that_starts_on_a_fallback_model_counts_as_a_fallback(onion, fake_api):
+    mod, client, session, clock, slept = onion(profiles=1, fallbacks="claude-haiku-5")
+    client.cooldowns.cool("1", MODEL, "rate_limit", None)
+    assert turn(mod, client, session) == "(fake) you said: hello"
+    assert fake_api.requests[-1]["model"] == "claude-haiku-5"
+    assert client.stats["fallbacks"] == 1 and client.stats["switches"] == 0
+
+
+def test_rate_limit_steps_reset_only_on_a_success_of_that_key_and_model(onion):
+    mod, client, session, clock, slept = onion(profiles=1)
+    cooldowns = client.cooldowns
+    assert cooldowns.cool("1", MODEL, "rate_limit", None) == 60
+    clock.now += 2 * 3600  # the cooldown ends: the next 429 still counts as one more in a row
+    assert cooldowns.cool("1", MODEL, "rate_limit", None) == 300
+    cooldowns.clear("2", MODEL)  # a success of another key,
+    cooldowns.clear("1", "claude-haiku-5")  # or of this key with another model: no reset
+    assert cooldowns.cool("1", MODEL, "rate_limit", None) == 1500
+    cooldowns.clear("1", MODEL)  # a success of this key and model: from the first step again
+    assert cooldowns.cool("1", MODEL, "rate_limit", None) == 60
+
+
+def test_profiles_and_cooldowns_say_the_same_in_whole_minutes(onion, capsys):
+    mod, client, session, clock, slept = onion(profiles=1)
+    client.cooldowns.cool("1", MODEL, "auth", None)
+    clock.now += 60.5
+    mod.show_profiles(Repl(mod, client, session), "")
+    assert "cooling: all models: auth, 5 h 59 min left" in capsys.readouterr().out
+    mod.show_cooldowns(Repl(mod, client, session), "")
+    assert "profile 1 · all models: auth #1, until " in capsys.readouterr().out

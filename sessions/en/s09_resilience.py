@@ -4,14 +4,14 @@
 A failed model call is classified by type and handled by the layer that can help: the same
 call again (overloaded, 5xx), another key after a cooldown (auth, billing, rate limit), a
 fallback model; an overflow compacts (s03). Only the failed call repeats, never a tool; when
-all is cooling, the key free soonest is tried once. A session keeps the key it last used.
+nothing free answers, the key free soonest is tried once. A session keeps the key it last used.
 
 New here:
   [s09] Profiles: several keys, each with its cooldowns — Profile, load_profiles, Cooldowns
   [s09] The retry onion: classify, then retry, switch or fall back — NoResponse, NextProfile,
       failure_kind, headers_of, retry_after, Shown, Onion, shown_clock, shown_seconds, call_model
-  [s09] Commands: profiles, cooldowns, failures, stats — show_profiles, show_cooldowns,
-      simulate_model_failure, show_stats
+  [s09] Commands: profiles, cooldowns, simulate-failure, stats — shown_model, show_profiles,
+      show_cooldowns, simulate_model_failure, show_stats
 Changed here:
   make_client, agent_turn — every model call goes through the onion; the SDK's retries are off
   print_usage, main — the key and model that answered; how many profiles and fallbacks there are
@@ -2570,11 +2570,15 @@ class MessageBus:
                     message = self.waiting[key].popleft()
                 try:
                     self.handle(message)
+                    self.finish(message)  # s08: answered; on an error its file stays for a restart
                 except Exception as exc:  # a failed send, a bug: log it, go on with the next
-                    log(f"[{key}] not answered: {type(exc).__name__}: {printable(str(exc))}")
-                    self.channels[message.channel].failed(message, exc)
+                    kept = f"; kept in {message.inbound} until a restart" if message.inbound else ""
+                    log(f"[{key}] not answered: {type(exc).__name__}: {printable(str(exc))}{kept}")
+                    try:
+                        self.channels[message.channel].failed(message, exc)
+                    except Exception:
+                        pass  # (a channel no longer there...): the line above says it all
                 finally:
-                    self.finish(message)
                     with self.lock:
                         for parked in self.busy_senders.pop(sender):
                             self.ready.put(parked)
@@ -4331,7 +4335,8 @@ def open_target(bus: MessageBus, target: str) -> tuple[Channel, InboundMessage]:
 
 
 def deliver(bus: MessageBus, target: str, text: str, label: str) -> None:
-    """Scheduled output goes out through the target channel's send(), as a reply does."""
+    """Scheduled output goes out through the target channel's deliver(), as a reply does: to a
+    chat through the delivery queue (s08)."""
     channel, where = open_target(bus, target)
     channel.deliver(where, f"[{label}] {text}" if where.channel == "terminal" else text)
 
@@ -4950,9 +4955,14 @@ def cron_command(repl: Repl, arg: str) -> None:
 # leaves it there, and the next start sends it: nothing is lost, and at worst a reply (or one
 # chunk of it) arrives twice, when the crash falls after a send and before its mark.
 DELIVERY_DIR = STATE_DIR / "delivery-queue"  # one <id>.json per reply not yet sent
-RETRY_DELAYS = (5, 25, 120, 600)  # seconds before the 2nd..5th attempt, each ±20 % (jitter)
-MAX_ATTEMPTS = 5                  # then the entry moves to failed/ with its last error
+RETRY_DELAYS = (5, 25, 120, 600)  # seconds before the 2nd, 3rd, 4th try, then every 600, ±20 %
+GIVE_UP_AFTER = 24 * 3600         # seconds after it was queued: then to failed/, last error kept
+MAX_RETRY_AFTER = 3600            # a platform's "wait this long" is honoured up to this
+MAX_SLEEP = 60                    # the worker looks again at least this often
 MAX_QUEUED = 10_000               # entries waiting; past this a reply is refused with a line
+MAX_QUEUED_PER_CHAT = 200         # the same for one recipient: one chat cannot fill the queue
+MAX_FAILED = 1000                 # entries kept in failed/; past this the oldest goes, with a line
+ENTRY_ID = re.compile(r"[0-9]{1,20}")  # an entry's id is its file's name: digits, nothing else
 
 
 def fsync_dir(folder: Path) -> None:
@@ -4975,7 +4985,27 @@ def retry_delay(entry_id: str, attempts: int, retry_after: float = 0.0) -> float
     entry's id (entries that failed together do not all try again at one instant, and one
     entry's waits are the same every run), or longer if the platform asked for longer."""
     base = RETRY_DELAYS[min(attempts, len(RETRY_DELAYS)) - 1]
-    return max(retry_after, base * random.Random(f"{entry_id}:{attempts}").uniform(0.8, 1.2))
+    after = min(retry_after, MAX_RETRY_AFTER) if retry_after >= 0 else 0.0  # NaN: 0 too
+    return max(after, base * random.Random(f"{entry_id}:{attempts}").uniform(0.8, 1.2))
+
+
+def check_entry(entry, path: Path) -> dict:
+    """An entry read from disk (at start-up, by /retry), or ValueError: its id is its file's
+    name, and every field has the type and range enqueue() gives it (numbers finite)."""
+    def number(value) -> bool:
+        return type(value) in (int, float) and 0 <= value < 1e12  # NaN and inf fail too
+    if not (isinstance(entry, dict) and ENTRY_ID.fullmatch(path.stem) and entry.get("id") ==
+            path.stem and isinstance(entry.get("chunks"), list) and entry["chunks"]
+            and all(isinstance(c, str) for c in entry["chunks"])
+            and all(isinstance(entry.get(k), str) for k in ("channel", "account", "peer",
+                                                            "sender", "last_error"))
+            and type(entry.get("is_group")) is bool and type(entry.get("sent")) is int
+            and type(entry.get("attempts")) is int and 0 <= entry["sent"] < len(entry["chunks"])
+            and entry["attempts"] >= 0 and isinstance(entry.get("thread"), (str, type(None)))
+            and isinstance(entry.get("reply_to"), (int, type(None)))
+            and number(entry.get("next_attempt")) and number(entry.get("created"))):
+        raise ValueError("not a delivery entry")
+    return entry
 
 
 def address(entry: dict) -> InboundMessage:
@@ -5004,7 +5034,7 @@ class Delivery:
         self.entries: dict[str, dict] = {}   # id -> entry: every pending one, as on disk
         self.sending: str | None = None      # the entry the worker is sending now
         self.seq = 0                         # ids are sequence numbers: their order is the order
-        self.fail_rate: dict[str, float] = {}  # /simulate-failure: channel -> share that fails
+        self.fail_rate: dict[str, tuple] = {}  # /simulate-failure: channel -> (share, kind)
         self.order = threading.Lock()        # one enqueue at a time: ids in the order written
         self.changed = threading.Condition()
         self.thread = None
@@ -5018,20 +5048,18 @@ class Delivery:
             tmp.unlink(missing_ok=True)
         for path in sorted(self.folder.glob("*.json")):
             try:
-                entry = json.loads(path.read_text(encoding="utf-8"))
-                if entry["id"] != path.stem or not 0 <= entry["sent"] < len(entry["chunks"]) \
-                        or not all(isinstance(c, str) for c in entry["chunks"]):
-                    raise ValueError("not a delivery entry")
-                address(entry)
-            except (ValueError, KeyError, TypeError, RecursionError, OSError) as exc:
+                entry = check_entry(json.loads(path.read_text(encoding="utf-8")), path)
+            except (ValueError, RecursionError, OSError) as exc:
                 aside = self.failed_dir / f"corrupt-{path.name}"
                 path.replace(aside)
                 log(f"[delivery] {path.name} cannot be read ({type(exc).__name__}); "
                     f"moved it to {aside}")
                 continue
+            entry["next_attempt"] = min(entry["next_attempt"], self.clock() + MAX_RETRY_AFTER)
             self.entries[entry["id"]] = entry
         ids = [p.stem for p in [*self.folder.glob("*.json"), *self.failed_dir.glob("*.json")]]
-        self.seq = max((int(i) for i in ids if i.isdigit()), default=0)
+        self.seq = max((int(i) for i in ids if ENTRY_ID.fullmatch(i)), default=0)
+        self.trim_failed()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.work, name="delivery", daemon=True)
@@ -5044,9 +5072,13 @@ class Delivery:
         if not chunks:
             return None
         quote = message.raw.get("message", {}).get("message_id") if message.is_group else None
+        who = (message.channel, message.peer, message.thread)
         with self.order:
             if len(self.entries) >= MAX_QUEUED:
                 raise ChannelError(f"the delivery queue holds {MAX_QUEUED} replies already")
+            if sum((e["channel"], e["peer"], e["thread"]) == who for e in
+                   list(self.entries.values())) >= MAX_QUEUED_PER_CHAT:
+                raise ChannelError(f"{MAX_QUEUED_PER_CHAT} replies to this chat wait already")
             self.seq += 1
             entry = {"id": f"{self.seq:08d}", "channel": message.channel,
                      "account": message.account, "peer": message.peer, "sender": message.sender,
@@ -5075,16 +5107,17 @@ class Delivery:
 
     def work(self) -> None:
         while True:
-            with self.changed:
-                entry, wait = self.next_due()
-                while entry is None:  # sleeps until enqueue(), a retry's time, or wake()
-                    self.changed.wait(wait)
+            try:  # nothing ends this thread: it sends for every chat
+                with self.changed:
                     entry, wait = self.next_due()
-                self.sending = entry["id"]
-            try:
+                    while entry is None:  # sleeps until enqueue(), a retry's time, or wake()
+                        self.changed.wait(None if wait is None else min(wait, MAX_SLEEP))
+                        entry, wait = self.next_due()
+                    self.sending = entry["id"]
                 self.attempt(entry)
             except Exception as exc:  # the disk refused a write: the entry stays, as it was
-                log(f"[delivery] {entry['id']}: {type(exc).__name__}: {printable(str(exc))}")
+                log(f"[delivery] {self.sending or 'worker'}: {type(exc).__name__}: "
+                    f"{printable(str(exc))}")
                 time.sleep(1)
             finally:
                 with self.changed:
@@ -5096,8 +5129,9 @@ class Delivery:
         path, channel = self.folder / f"{entry['id']}.json", self.channels.get(entry["channel"])
         try:
             while entry["sent"] < len(entry["chunks"]):
-                if random.random() < self.fail_rate.get(entry["channel"], 0.0):
-                    raise ChannelError("a failure simulated by /simulate-failure")
+                rate, kind = self.fail_rate.get(entry["channel"], (0.0, ""))
+                if random.random() < rate:
+                    raise ChannelError("a failure simulated by /simulate-failure", kind)
                 channel.send(address(entry), entry["chunks"][entry["sent"]])
                 entry["sent"] += 1
                 if entry["sent"] < len(entry["chunks"]):
@@ -5107,15 +5141,16 @@ class Delivery:
         self.drop(entry, path)
 
     def failed(self, entry: dict, path: Path, exc: Exception) -> None:
-        """Try again later when the error may pass; else, or after MAX_ATTEMPTS, to failed/."""
+        """Try again later when the error may pass; else, or GIVE_UP_AFTER, to failed/."""
         kind, after = (exc.kind, exc.retry_after) if isinstance(exc, ChannelError) \
             else ("transient", 0.0)
         entry["attempts"] += 1
         entry["last_error"] = printable(f"{type(exc).__name__}: {exc}")[:300]
         where = f"{entry['channel']}:{entry['peer']}"
-        if kind == "permanent" or entry["attempts"] >= MAX_ATTEMPTS:
+        if kind == "permanent" or self.clock() - entry["created"] >= GIVE_UP_AFTER:
             write_entry(self.failed_dir / path.name, entry)
             self.drop(entry, path)
+            self.trim_failed()
             return log(f"[delivery] gave up on {entry['id']} to {where} after "
                        f"{plural(entry['attempts'], 'attempt')} ({kind}): {entry['last_error']}"
                        f"; /retry {entry['id']} queues it again")
@@ -5125,6 +5160,13 @@ class Delivery:
         if entry["attempts"] == 1:
             log(f"[delivery] {entry['id']} to {where} failed ({entry['last_error']}); "
                 f"trying again in {entry['wait']:.0f} s (/queue)")
+
+    def trim_failed(self) -> None:
+        """failed/ keeps the newest MAX_FAILED entries; each older one goes, with a line."""
+        kept = sorted(self.failed_dir.glob("*.json"), key=lambda p: p.name.split("-")[-1])
+        for path in kept[:-MAX_FAILED]:
+            path.unlink(missing_ok=True)
+            log(f"[delivery] removed {printable(path.name)} from failed/ (it keeps {MAX_FAILED})")
 
     def drop(self, entry: dict, path: Path) -> None:
         with self.changed:
@@ -5156,24 +5198,26 @@ class Delivery:
         found = []
         for path in sorted(self.failed_dir.glob("*.json")):
             try:
-                found.append(json.loads(path.read_text(encoding="utf-8")))
+                entry = json.loads(path.read_text(encoding="utf-8"))
             except (ValueError, OSError, RecursionError):
-                found.append({"id": path.stem, "last_error": "(cannot be read)"})
+                entry = None
+            found.append(entry if isinstance(entry, dict) else
+                         {"id": path.stem, "last_error": "(cannot be read)"})
         return found
 
     def retry(self, entry_id: str) -> list[str]:
         """Failed entries back to the queue ("all": every one), attempts from zero, in their
         old place in the order. Returns the ids queued again."""
         paths = sorted(self.failed_dir.glob("[0-9]*.json")) if entry_id == "all" else \
-            [self.failed_dir / f"{int(entry_id):08d}.json"] if entry_id.isdigit() else []
+            [self.failed_dir / f"{int(entry_id):08d}.json"] \
+            if ENTRY_ID.fullmatch(entry_id) else []
         done = []
         for path in paths:
             try:
-                entry = json.loads(path.read_text(encoding="utf-8"))
-                address(entry)
-            except (ValueError, KeyError, TypeError, OSError, RecursionError):
+                entry = check_entry(json.loads(path.read_text(encoding="utf-8")), path)
+            except (ValueError, OSError, RecursionError):
                 continue
-            entry["attempts"], entry["next_attempt"] = 0, 0.0
+            entry["attempts"], entry["next_attempt"], entry["created"] = 0, 0.0, self.clock()
             write_entry(self.folder / path.name, entry)
             path.unlink()
             with self.changed:
@@ -5182,11 +5226,11 @@ class Delivery:
             done.append(entry["id"])
         return done
 
-    def simulate(self, channel: str, rate: float) -> None:
-        """Make that share of sends to `channel` fail as a transient error. 0 switches it off,
-        and that channel's waiting entries are tried again at once."""
+    def simulate(self, channel: str, rate: float, kind: str = "transient") -> None:
+        """Make that share of sends to `channel` fail as an error of that kind (in memory: a
+        restart ends it). 0 switches it off; that channel's waiting entries go at once."""
         with self.changed:
-            self.fail_rate[channel] = rate
+            self.fail_rate[channel] = (rate, kind)
             if not rate:
                 for entry in self.entries.values():
                     if entry["channel"] == channel:
@@ -5203,6 +5247,7 @@ INBOUND_DIR = STATE_DIR / "inbound"
 KEPT_CHANNELS = ("telegram", "feishu")  # the platforms that wait for us to confirm
 INBOUND_FIELDS = ("channel", "account", "peer", "sender", "text", "sender_name", "is_group",
                   "thread", "media", "raw")
+INBOUND_TEXT = ("account", "peer", "sender", "text", "sender_name")  # str, as the channels give
 
 
 class Inbox:
@@ -5245,7 +5290,14 @@ class Inbox:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 message = InboundMessage(**{name: data[name] for name in INBOUND_FIELDS})
-                found.append((float(data["received"]), path.name, message))
+                if not (message.channel in KEPT_CHANNELS and type(data["received"]) in (int, float)
+                        and 0 <= data["received"] < 1e12 and isinstance(message.raw, dict)
+                        and type(message.is_group) is bool and all(isinstance(getattr(
+                            message, name), str) for name in INBOUND_TEXT)
+                        and all(isinstance(getattr(message, name), (str, type(None)))
+                                for name in ("thread", "media"))):
+                    raise ValueError("not a received message")
+                found.append((data["received"], path.name, message))
                 message.inbound = str(path)
             except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:
                 aside = path.with_name(f"corrupt-{path.stem}.bad")
@@ -5258,10 +5310,10 @@ class Inbox:
 # --- [s08] Commands: queue, failed, retry, simulate-failure -------------------
 def show_queue(repl: Repl, arg: str) -> None:
     entries, now = repl.bus.delivery.pending(), time.time()
-    for e in entries:
-        due = "now" if e["next_attempt"] <= now else f"{e['wait']:.0f} s after the last"
-        error = f"; last error: {e['last_error']}" if e["last_error"] else ""
-        print(f"  {e['id']}  {e['channel']}:{printable(e['peer'])}  chunks sent "
+    for e in entries:  # checked on load: every field is there, with its type; shown escaped
+        due = "now" if e["next_attempt"] <= now else f"in {-((now - e['next_attempt']) // 1):.0f} s"
+        error = f"; last error: {printable(e['last_error'])}" if e["last_error"] else ""
+        print(f"  {e['id']}  {printable(e['channel'])}:{printable(e['peer'])}  chunks sent "
               f"{e['sent']}/{len(e['chunks'])}, {plural(e['attempts'], 'failed attempt')}, "
               f"next try {due}{error}")
     if not entries:
@@ -5270,9 +5322,9 @@ def show_queue(repl: Repl, arg: str) -> None:
 
 def show_failed(repl: Repl, arg: str) -> None:
     failed = repl.bus.delivery.failures()
-    for e in failed:
-        where = f"{e.get('channel')}:{printable(str(e.get('peer')))}" if "peer" in e else "?"
-        print(f"  {e['id']}  {where}  {printable(str(e.get('last_error')))}")
+    for e in failed:  # anything a file holds, escaped
+        where = printable(f"{e.get('channel')}:{e.get('peer')}") if "peer" in e else "?"
+        print(f"  {printable(str(e.get('id')))}  {where}  {printable(str(e.get('last_error')))}")
     print(f"{len(failed)} in failed/ (/retry ID or /retry all)" if failed else
           "Nothing in failed/: no reply was given up on.")
 
@@ -5282,23 +5334,25 @@ def retry_failed(repl: Repl, arg: str) -> None:
         return print("Usage: /retry ID, or /retry all")
     done = repl.bus.delivery.retry(arg)
     print(f"Queued again: {', '.join(done)}" if done else
+          "Nothing in failed/ to queue again." if arg == "all" else
           f"No failed reply has the id {printable(arg)!r}; /failed lists them.")
 
 
 def simulate_failure(repl: Repl, arg: str) -> None:
     if arg in SIMULATED:  # s09: a failure class: the next model call fails that way
         return simulate_model_failure(repl, arg)
-    channel, _, rate = arg.partition(" ")
+    channel, rate, kind = (arg.split() + ["", "", ""])[:3]  # s08: a kind, optionally
     try:
         share = float(rate)
     except ValueError:
         share = -1.0
-    if channel not in KEPT_CHANNELS or not 0.0 <= share <= 1.0:
-        return print(f"Usage: /simulate-failure {'|'.join(KEPT_CHANNELS)} RATE "
+    if channel not in KEPT_CHANNELS or not 0.0 <= share <= 1.0 or kind not in ("", "permanent"):
+        return print(f"Usage: /simulate-failure {'|'.join(KEPT_CHANNELS)} RATE [permanent] "
                      "(0.0 to 1.0; 0 switches it off), or /simulate-failure KIND, one of: "
                      f"{', '.join(SIMULATED)}")
-    repl.bus.delivery.simulate(channel, share)
-    print(f"Sends to {channel} now fail {share:.0%} of the time, as a transient error."
+    kind = kind or "transient"
+    repl.bus.delivery.simulate(channel, share, kind)
+    print(f"Sends to {channel} now fail {share:.0%} of the time, as a {kind} error."
           if share else f"Sends to {channel} work again; what waits for {channel} goes now.")
 
 
@@ -5377,13 +5431,26 @@ class Cooldowns:
     def __init__(self, path: Path, clock=time.time):
         self.path, self.clock, self.lock = path, clock, threading.Lock()
         try:
-            self.entries = json.loads(path.read_text(encoding="utf-8"))
-            assert isinstance(self.entries, dict)
+            entries = json.loads(path.read_text(encoding="utf-8"))
+            assert isinstance(entries, dict)
         except FileNotFoundError:
-            self.entries = {}
+            entries = {}
         except (OSError, ValueError, AssertionError):
             log(f"(cannot read {path}: starting with no cooldowns)")
-            self.entries = {}
+            entries = {}
+        self.entries = {key: e for key, e in entries.items() if self.sound(key, e)}
+        if len(self.entries) < len(entries):
+            log(f"({path}: dropped {len(entries) - len(self.entries)} of its {len(entries)} "
+                "entries: not a cooldown as this section writes one)")
+
+    def sound(self, key: str, e) -> bool:
+        """An entry as cool() writes it: a time no later than the longest cooldown from now
+        (nan and infinity are not), a known class, a count. Anything else could block a key."""
+        return (key.count("|") == 1 and isinstance(e, dict)
+                and e.get("reason") in (*COOLDOWN, "rate_limit")
+                and type(e.get("until")) in (int, float) and type(e.get("count")) is int
+                and 0 <= e["until"] <= self.clock() + max(COOLDOWN.values())
+                and e["count"] >= 0)
 
     def entry(self, profile: str, model: str) -> dict | None:
         """The cooldown that blocks this profile for this model now, if any."""
@@ -5439,19 +5506,22 @@ class Cooldowns:
 KIND_OF_TYPE = {"authentication_error": "auth", "permission_error": "permission",
                 "billing_error": "billing", "rate_limit_error": "rate_limit",
                 "overloaded_error": "overloaded", "api_error": "server"}
-KIND_OF_STATUS = {401: "auth", 402: "billing", 403: "permission", 429: "rate_limit",
-                  529: "overloaded"}
+KIND_OF_STATUS = {401: "auth", 402: "billing", 403: "permission", 408: "connection",
+                  409: "server", 429: "rate_limit", 529: "overloaded"}
 RETRY_HERE = ("overloaded", "server", "connection")  # worth the same call again, after a pause
 CALL_RETRY_DELAYS = (0.5, 2.0)  # seconds before the 2nd and the 3rd try (plus up to 25% jitter)
-MAX_WAIT_HERE = 10.0       # a retry-after longer than this cools the profile instead of waiting
+CALL_BUDGET = (6, 20.0)    # one model call: at most 6 requests and 20 s of waiting in place
+MAX_WAIT_HERE = 10.0       # a retry-after longer than this is not waited out in place
 NOT_HERE = ("overflow", "invalid")  # another key or model cannot help: the turn's layers decide
 ROUTE_NOTES: dict[str, str] = {}  # message id -> "profile 2 · model X", for the usage line
 SIMULATED = {  # /simulate-failure KIND: the exception class, status and error.type it raises
     "auth": (anthropic.AuthenticationError, 401, "authentication_error", "invalid x-api-key"),
     "billing": (anthropic.PaymentRequiredError, 402, "billing_error", "credit balance too low"),
+    "permission": (anthropic.PermissionDeniedError, 403, "permission_error", "not allowed"),
     "rate_limit": (anthropic.RateLimitError, 429, "rate_limit_error", "rate limit exceeded"),
     "overloaded": (anthropic.OverloadedError, 529, "overloaded_error", "Overloaded"),
     "server": (anthropic.InternalServerError, 500, "api_error", "Internal server error"),
+    "connection": (anthropic.APIConnectionError, 0, "", "Connection error."),
     "overflow": (anthropic.BadRequestError, 400, "invalid_request_error",
                  "prompt is too long: 1000001 tokens > 1000000 maximum"),
     "invalid": (anthropic.BadRequestError, 400, "invalid_request_error", "messages: bad request"),
@@ -5516,7 +5586,8 @@ class Shown:
 
 class Onion:
     """Stands where one client stood. Each model call goes through its layers: retry the same
-    call (overloaded, 5xx, connection), then another profile (after a cooldown), then the next
+    call (overloaded, 5xx, connection: the service's fault, so then the next fallback model, on
+    the same key), another profile (auth, billing, rate limit: after a cooldown), the next
     fallback model; overflow and invalid requests go straight back to the turn (s03 compacts).
     A session stays on the profile it last succeeded on, so its prompt cache stays warm."""
 
@@ -5534,10 +5605,29 @@ class Onion:
 
     @property
     def messages(self):
-        """The s03 and s06 side calls (count_tokens, summaries, the memory flush) use the
-        first profile that is not cooling, as they are: one try, no onion."""
+        """The s03 and s06 side calls (count_tokens, summaries, the memory flush) call
+        client.messages.create and .count_tokens: the onion answers them itself."""
+        return self
+
+    def create(self, **request):
+        return self.side_call("create", request)
+
+    def count_tokens(self, **request):
+        return self.side_call("count_tokens", request)
+
+    def side_call(self, method: str, request: dict):
+        """A side call on the first profile that is not cooling, with the inner layer only:
+        a passing failure (overloaded, 5xx, connection) is tried again after the same pauses."""
         free = [p for p in self.profiles if not self.cooldowns.entry(p.name, MODEL_ID)]
-        return (free or self.profiles)[0].client().messages
+        send = getattr((free or self.profiles)[0].client().messages, method)
+        for delay in (*CALL_RETRY_DELAYS, None):
+            try:
+                return send(**request)
+            except anthropic.APIError as exc:
+                if delay is None or failure_kind(exc) not in RETRY_HERE \
+                        or headers_of(exc).get("x-should-retry") == "false":
+                    raise
+                self.sleep(delay)
 
     def count(self, what: str, kind: str | None = None) -> None:
         with self.lock:
@@ -5554,37 +5644,50 @@ class Onion:
     def candidates(self, session_id: str, models: list[str]):
         """(profile, model) pairs to try, in order: each model (the agent's, then the
         fallbacks), each profile (the session's first); a cooling one is skipped, checked just
-        before its turn (a failure a moment ago may have cooled it). When every one was cooling
-        the onion never refuses: the one whose cooldown ends first is tried, once. A person
-        with one key is not locked out for hours by one 401 or 429; with more keys, the
-        cooldowns still decide the order."""
+        before its turn (a failure a moment ago may have cooled it). When none of them
+        answered, the onion never refuses: of those that were cooling when the call began, the
+        one whose cooldown ends first is tried, once. A person with one key is not locked out
+        for hours by one 401 or 429; with more keys, the cooldowns still decide the order."""
         pairs = [(profile, model) for model in models for profile in self.order(session_id)]
-        any_free = False
+        cooling = [pair for pair in pairs if self.cooldowns.entry(pair[0].name, pair[1])]
         for profile, model in pairs:
-            if not self.cooldowns.entry(profile.name, model):
-                any_free = True
+            if (profile, model) not in cooling and not self.cooldowns.entry(profile.name, model):
                 yield profile, model
-        if not any_free:
-            yield min(pairs, key=lambda pair: self.cooldowns.until(pair[0].name, pair[1]))
+        if cooling:
+            yield min(cooling, key=lambda pair: self.cooldowns.until(pair[0].name, pair[1]))
 
     def call(self, session_id: str, messages: list, out: TerminalOutput, agent: Agent | None,
              prompt: Prompt | None) -> anthropic.types.Message:
         agent = agent or DEFAULT_AGENT
         models = [agent.model] + [m for m in self.fallbacks if m != agent.model]
-        last, tried = None, None
+        last, tried = None, (self.order(session_id)[0].name, models[0])  # where calls start
+        spent = {"requests": 0, "waited": 0.0}  # this call's, against CALL_BUDGET
+        down = set()  # (base URL, model) the service failed for: no other key is tried there
         for profile, model in self.candidates(session_id, models):
-            if self.cooldowns.entry(profile.name, model):  # only when every one is cooling
-                out.note(f"[every profile is cooling down; trying profile {profile.name} · "
-                         f"model {model} anyway, once: its cooldown ends first "
+            if (profile.base_url, model) in down:
+                continue
+            if spent["requests"] >= CALL_BUDGET[0]:
+                break
+            if self.cooldowns.entry(profile.name, model):  # only when nothing free answered
+                out.note(f"[every profile is cooling down or failed; trying profile "
+                         f"{profile.name} · model {model} anyway, once: its cooldown ends first "
                          f"({shown_clock(self.cooldowns.until(profile.name, model))})]")
-            elif tried:
-                self.count("fallbacks" if tried[1] != model else "switches")
+            if model not in (tried[1], models[0]):
+                self.count("fallbacks")  # also when the call starts on a fallback model
+            elif model == tried[1] and profile.name != tried[0]:
+                self.count("switches")
             tried = (profile.name, model)
             try:
-                message = self.try_profile(profile, model, messages, out, agent, prompt)
+                message = self.try_profile(profile, model, messages, out, agent, prompt, spent)
             except NextProfile as moved:
                 last = moved.exc
+                if failure_kind(last) in RETRY_HERE:
+                    down.add((profile.base_url, model))
                 continue
+            except anthropic.NotFoundError:
+                if last is None:
+                    raise
+                continue  # a fallback model this endpoint does not serve: the first failure shows
             self.sticky[session_id] = profile.name
             self.cooldowns.clear(profile.name, model)
             if (profile.name, model) != (self.profiles[0].name, agent.model):
@@ -5594,14 +5697,16 @@ class Onion:
         raise last
 
     def try_profile(self, profile: Profile, model: str, messages: list, out: TerminalOutput,
-                    agent: Agent, prompt: Prompt | None) -> anthropic.types.Message:
+                    agent: Agent, prompt: Prompt | None, spent: dict) -> anthropic.types.Message:
         """One profile, one model: the call, and again in place for the classes worth it
-        (unless the server's x-should-retry header says "false", which the SDK obeys too).
-        A failure after words reached the person is not retried (they would read them twice):
-        the turn is dropped, the profile cools, and the next message goes elsewhere."""
+        (unless the server's x-should-retry header says "false", which the SDK obeys too, or
+        the call's budget is spent). Those do not cool the key: the call moves on to the next
+        model. A failure after words reached the person is not retried (they would read them
+        twice): the turn is dropped, the profile cools, and the next message goes elsewhere."""
         for attempt in range(len(CALL_RETRY_DELAYS) + 1):
             shown = Shown(out)
             self.count("calls")
+            spent["requests"] += 1
             try:
                 self.fail_if_asked()
                 return stream_reply(profile.client(), messages, shown,
@@ -5616,10 +5721,14 @@ class Onion:
                         and headers_of(exc).get("x-should-retry") != "false":  # the SDK obeys it
                     delay = max(CALL_RETRY_DELAYS[attempt] * (1 + secrets.randbelow(250) / 1000),
                                 wait or 0)
-                    if delay <= MAX_WAIT_HERE:
+                    if delay <= MAX_WAIT_HERE and spent["requests"] < CALL_BUDGET[0] \
+                            and spent["waited"] + delay <= CALL_BUDGET[1]:
                         self.count("retries")
+                        spent["waited"] += delay
                         self.sleep(delay)
                         continue
+                if kind in RETRY_HERE and not shown.any:  # the service's, not the key's
+                    raise NextProfile(exc) from exc
                 seconds = self.cooldowns.cool(profile.name, model, kind, wait)
                 out.note(f"[profile {profile.name} · model {model}: {kind.replace('_', ' ')}; "
                          f"cooling {shown_seconds(seconds)}]")
@@ -5635,19 +5744,28 @@ class Onion:
             kind = self.injected.popleft() if self.injected else None
         if kind:
             cls, status, error_type, text = SIMULATED[kind]
+            if not status:  # no response at all
+                raise cls(message=text, request=None)
             body = {"type": "error", "error": {"type": error_type, "message": text}}
             raise cls(text, response=NoResponse(status), body=body)
 
 
 def shown_clock(epoch: float) -> str:
     """A moment in the machine's local time, as the person reads a clock."""
-    return datetime.fromtimestamp(epoch).strftime("%H:%M:%S")
+    try:
+        return datetime.fromtimestamp(epoch).strftime("%H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # not a time a clock can show
+        return "?"
 
 
 def shown_seconds(seconds: float) -> str:
-    if seconds >= HOUR:
-        return f"{seconds / HOUR:g} h"
-    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+    """42 s, 25 min, 5 h 59 min: whole seconds, from a minute on whole minutes, rounded up."""
+    if not 0 <= seconds < 100 * HOUR:  # also false for nan
+        return "?"
+    if seconds <= 59:
+        return f"{-(-seconds // 1):.0f} s"
+    hours, minutes = divmod(int(-(-seconds // 60)), 60)
+    return " ".join(([f"{hours} h"] if hours else []) + ([f"{minutes} min"] if minutes else []))
 
 
 def call_model(client, session: Session, messages: list, out: TerminalOutput,
@@ -5658,20 +5776,26 @@ def call_model(client, session: Session, messages: list, out: TerminalOutput,
     return stream_reply(client, messages, out, agent, prompt)
 
 
-# --- [s09] Commands: profiles, cooldowns, failures, stats ---------------------
+# --- [s09] Commands: profiles, cooldowns, simulate-failure, stats -------------
+def shown_model(key: str) -> str:
+    """The model part of a cooldown's key, in the words both commands use."""
+    model = key.split("|")[1]
+    return "all models" if model == ANY_MODEL else f"model {model}"
+
+
 def show_profiles(repl: Repl, arg: str) -> None:
     onion = repl.client
     mine = onion.sticky.get(repl.session.id, onion.profiles[0].name)
-    for profile in onion.profiles:
-        where = profile.base_url or "https://api.anthropic.com"
-        cooling = [f"{key.split('|')[1]}: {e['reason']}, "  # whole minutes left, rounded up
+    for profile in onion.profiles:  # a user:password@ in a base URL is not shown
+        where = re.sub(r"//[^/@]*@", "//***@", profile.base_url or "https://api.anthropic.com")
+        cooling = [f"{shown_model(key)}: {e['reason'].replace('_', ' ')}, "  # whole minutes
                    f"{shown_seconds(-(-(e['until'] - onion.clock()) // 60) * 60)} left"
                    for key, e in onion.cooldowns.active() if key.split("|")[0] == profile.name]
         state = "cooling: " + "; ".join(cooling) if cooling else "ready"
-        print(f"{'*' if profile.name == mine else ' '} profile {profile.name}  "
-              f"{profile.fingerprint()}  {where}  {state}")
-    print(f"  (* this session's profile) · models: {', '.join([MODEL_ID] + onion.fallbacks)}"
-          " · /cooldowns says until when")
+        print(printable(f"{'*' if profile.name == mine else ' '} profile {profile.name}  "
+                        f"{profile.fingerprint()}  {where}  {state}"))
+    print(printable(f"  (* this session's profile) · models: "
+                    f"{', '.join([MODEL_ID] + onion.fallbacks)} · /cooldowns says until when"))
 
 
 def show_cooldowns(repl: Repl, arg: str) -> None:
@@ -5679,9 +5803,9 @@ def show_cooldowns(repl: Repl, arg: str) -> None:
     if not active:
         print(f"No cooldowns. ({COOLDOWNS_FILE})")
     for key, e in active:
-        profile, model = key.split("|")
-        print(f"profile {profile} · model {'(all)' if model == ANY_MODEL else model}: "
-              f"{e['reason']} #{e.get('count', 1)}, until {shown_clock(e['until'])}")
+        print(printable(f"profile {key.split('|')[0]} · {shown_model(key)}: "
+                        f"{e['reason'].replace('_', ' ')} #{e.get('count', 1)}, "
+                        f"until {shown_clock(e['until'])}"))
 
 
 def simulate_model_failure(repl: Repl, arg: str) -> None:
@@ -5689,7 +5813,8 @@ def simulate_model_failure(repl: Repl, arg: str) -> None:
         print(f"Usage: /simulate-failure KIND, one of: {', '.join(SIMULATED)}")
         return
     repl.client.injected.append(arg)
-    print(f"The next model call fails as {arg} (status {SIMULATED[arg][1]}).")
+    status = SIMULATED[arg][1]
+    print(f"The next model call fails as {arg} ({f'status {status}' if status else 'no answer'}).")
 
 
 def show_stats(repl: Repl, arg: str) -> None:
@@ -5751,7 +5876,7 @@ COMMANDS = {
     "/queue": (show_queue, "", "replies waiting to be sent: chunks sent, attempts, last error"),
     "/failed": (show_failed, "", "replies given up on, with their last error"),
     "/retry": (retry_failed, "ID|all", "queue a failed reply again"),
-    "/simulate-failure": (simulate_failure, "KIND | CHANNEL RATE",
+    "/simulate-failure": (simulate_failure, "KIND | CHANNEL RATE [permanent]",
                           "the next model call fails as KIND, or a share of sends to CHANNEL"),
     "/profiles": (show_profiles, "", "the API keys: which one is in use, which are cooling"),
     "/cooldowns": (show_cooldowns, "", "every cooldown: profile, model, why, until when"),
@@ -5839,7 +5964,10 @@ def main() -> int:
         channel.start(receive)
     waiting = bus.inbox.pending()
     for message in waiting:
-        bus.publish(message)
+        try:
+            bus.publish(message)
+        except Exception as exc:  # its file stays; one line, and the next one is replayed
+            log(f"[inbound] {message.inbound}: {type(exc).__name__}: {printable(str(exc))}")
     replayed.set()
     bus.delivery.start()
     print("Channels: " + " · ".join(channel.status() for channel in channels.values()))
