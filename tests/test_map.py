@@ -154,3 +154,15 @@ def test_help_is_printed_from_the_one_command_table(path, load, monkeypatch, cap
     source = path.read_text(encoding="utf-8")
     main = next(n for n in ast.parse(source).body if getattr(n, "name", "") == "main")
     assert not re.search(r'== "/[a-z]', ast.get_source_segment(source, main))
+
+
+@pytest.mark.parametrize("path", SECTIONS, ids=section_id)
+def test_a_command_that_fails_is_one_line_and_the_repl_goes_on(path, load, monkeypatch, capsys):
+    mod = load(path)
+
+    def broken(repl, arg):
+        raise ValueError("a bug\x1b[2J")
+
+    monkeypatch.setitem(mod.COMMANDS, "/help", (broken, "", "broken on purpose"))
+    mod.run_command(None, "/help now")
+    assert capsys.readouterr().out == "/help failed: ValueError: a bug\\x1b[2J\n"

@@ -1605,7 +1605,10 @@ def run_command(repl: Repl, line: str) -> None:
         print(f"Unknown command {name}; /help lists the commands.")
         return
     handler = COMMANDS[name][0]
-    handler(repl, arg.strip())
+    try:
+        handler(repl, arg.strip())
+    except Exception as exc:  # a command's bug is one line; the REPL (and its gateway) goes on
+        print(f"{name} failed: {type(exc).__name__}: {printable(str(exc))}")
 
 
 def main() -> int:
