@@ -1075,7 +1075,7 @@ def test_idle_strangers_cannot_lock_out_a_client_with_the_token(
     """Connections that never send `connect` are closed after CONNECT_DEADLINE and never take
     the places of clients that have the token (before, 64 idle sockets locked everyone out)."""
     mod = load(path)
-    monkeypatch.setattr(mod, "CONNECT_DEADLINE", 1.0)
+    monkeypatch.setattr(mod, "CONNECT_DEADLINE", 2.5)  # room for a loaded machine
 
     def body(gw):
         known = gw.client()  # connected before the crowd arrives
