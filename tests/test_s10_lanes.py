@@ -187,7 +187,7 @@ def test_reset_answers_every_waiting_request_and_the_running_turn_stops(path, lo
     assert sorted((m.raw["n"], t) for m, t in webchat.replies) == [
         (n, "(not answered: the operator reset this conversation)") for n in (1, 2, 3)]
     assert shown[0] == ("agent:main:webchat:direct:p: generation 1; 3 waiting jobs cancelled; "
-                        "its running turn stops at its next safe point")
+                        "its running turn stops at its next safe point; a fresh session started")
     gate.set()  # the running turn's model call ends; its tools are not run
     wait_for(lambda: len(webchat.replies) == 4, what="the running turn's answer")
     assert webchat.replies[-1][1] == "Looking.\n" + mod.STOPPED
@@ -231,7 +231,11 @@ def test_a_turn_told_to_stop_keeps_whole_tool_exchanges_only(path, load, fake_ap
     assert tg.replies[0][1] == "(late reply) Tidying.\n" + mod.STOPPED
     session = bus.store_for("main").for_key("agent:main:telegram:direct:42")
     assert_valid_history(session.messages)
-    assert [m["role"] for m in session.messages] == ["user", "assistant", "user"]  # rm never ran
+    # What the chat got, the history keeps: "Tidying." and its call, answered "not run".
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user",
+                                                        "assistant", "user"]
+    assert session.messages[3]["content"][0]["text"] == "Tidying."
+    assert session.messages[4]["content"][0]["content"] == "not run: the turn was told to stop"
 
 
 def test_collect_mode_makes_three_quick_messages_one_turn(path, load, fake_api):
@@ -438,10 +442,11 @@ def test_a_message_after_a_reset_is_a_turn_of_its_own_in_collect_mode(path, load
     wait_for(lambda: bus.lanes.running["main"], what="the collecting turn")
     quiet_reset(mod, bus, "agent:main:telegram:direct:42")  # before its quiet time is over
     bus.publish(chat(mod, "a new question"))
-    wait_for(lambda: tg.replies, what="an answer")
+    wait_for(lambda: len(tg.replies) == 2, what="an answer")
     wait_for(lambda: not bus.waiting, what="the lanes to empty")
     assert [last_user_text(body) for body in fake_api.requests] == ["a new question"]
-    assert [text for _, text in tg.replies] == ["(fake) you said: a new question"]
+    assert [text for _, text in tg.replies] == [  # the dropped one is told, once
+        "(not answered: the operator reset this conversation)", "(fake) you said: a new question"]
 
 
 def test_the_collect_step_runs_under_the_queues_lock_so_a_closed_turn_takes_nothing(
@@ -486,7 +491,8 @@ def test_a_child_gets_only_tools_its_parent_has(path, load, fake_api, workspace)
     assert not (workspace / "pwned.txt").exists()
 
 
-def test_a_reset_skips_the_other_tools_of_the_same_reply(path, load, fake_api, workspace):
+def test_a_reset_withdraws_its_approval_and_skips_the_other_tools(path, load, fake_api,
+                                                                   workspace):
     mod = load(path)
     tg = recorder(mod, "telegram")
     bus = bus_of(mod, telegram=tg)
@@ -496,10 +502,12 @@ def test_a_reset_skips_the_other_tools_of_the_same_reply(path, load, fake_api, w
         tool_use("write_file", {"path": "after_2.txt", "content": "y"})]))
     bus.publish(chat(mod, "do three things"))
     wait_for(lambda: bus.approvals.pending(), what="the approval")
+    request = bus.approvals.pending()[0]
     quiet_reset(mod, bus, "agent:main:telegram:direct:42")
-    bus.approvals.resolve(bus.approvals.pending()[0]["id"], "deny")
+    assert bus.approvals.pending() == []  # withdrawn: /approvals no longer lists it
+    assert bus.approvals.resolve(request["id"], "once") is None  # and /approve cannot run it
     wait_for(lambda: tg.replies, what="the stopped turn's words")
-    assert not list(workspace.glob("after_*")) and len(fake_api.requests) == 1
+    assert not list(workspace.glob("*.txt")) and len(fake_api.requests) == 1
     assert tg.replies[0][1] == "On it.\n" + mod.STOPPED
 
 
@@ -657,3 +665,99 @@ def test_the_lesson_gives_each_lane_its_real_limit(path, load):
     lesson = path.with_suffix(".md").read_text(encoding="utf-8")
     for lane, limit in mod.LANE_LIMITS.items():
         assert f"`{lane}` {limit}" in lesson and f"│  {lane:<10} {limit}" in lesson, lane
+
+
+# --- What a learner's walk found -------------------------------------------------------------
+
+
+def test_the_timeout_notice_goes_through_the_delivery_queue(path, load, fake_api):
+    mod = load(path, TURN_TIMEOUT="0.2")
+    tg, queued = recorder(mod, "telegram"), []
+    tg.delivery = SimpleNamespace(enqueue=lambda message, text: queued.append(text))  # s08
+    bus = bus_of(mod, telegram=tg)
+    gate = threading.Event()
+    fake_api.script(reply("At last.", gate=gate))
+    bus.publish(chat(mod, "what is in my workspace?"))
+    wait_for(lambda: queued, what="the timeout notice, queued")
+    gate.set()
+    assert queued == [mod.TIMEOUT_REPLY] and tg.sent == []  # on disk first, never sent around
+
+
+def test_a_timed_out_turn_withdraws_its_approval_so_approve_cannot_run_it(path, load, fake_api,
+                                                                          workspace):
+    mod = load(path)
+    tg = recorder(mod, "telegram")
+    bus = bus_of(mod, telegram=tg)
+    fake_api.script(reply("Tidying.", tools=[tool_use("bash", {"command": "touch x.txt"})]))
+    bus.publish(chat(mod, "tidy up"))
+    wait_for(lambda: bus.approvals.pending(), what="the approval")
+    request = bus.approvals.pending()[0]
+    bus.lanes.expire(bus.waiting["agent:main:telegram:direct:42"][0])  # its time is up
+    assert tg.sent[-1][1] == mod.TIMEOUT_REPLY
+    wait_for(lambda: not bus.approvals.pending(), what="the approval withdrawn")
+    assert bus.approvals.resolve(request["id"], "once") is None
+    wait_for(lambda: tg.replies, what="the stopped turn's words")
+    assert tg.replies[0][1] == "(late reply) Tidying.\n" + mod.STOPPED
+    assert not (workspace / "x.txt").exists() and len(fake_api.requests) == 1
+    session = bus.store_for("main").for_key("agent:main:telegram:direct:42")
+    assert_valid_history(session.messages)
+    assert session.messages[-1]["content"][0]["content"] == "not run: the turn was told to stop"
+
+
+def test_a_reset_tells_a_chat_once_that_its_waiting_messages_are_not_answered(path, load,
+                                                                              fake_api):
+    mod = load(path)
+    tg = recorder(mod, "telegram")
+    bus = bus_of(mod, telegram=tg)
+    gate = threading.Event()
+    fake_api.script(reply("First.", gate=gate))
+    bus.publish(chat(mod, "one"))
+    wait_for(lambda: fake_api.requests, what="the first call")
+    bus.publish(chat(mod, "two"))
+    bus.publish(chat(mod, "three"))
+    quiet_reset(mod, bus, "agent:main:telegram:direct:42")
+    assert [text for _, text in tg.replies] == [
+        "(not answered: the operator reset this conversation)"]
+    gate.set()
+    wait_for(lambda: not bus.waiting, what="the lanes to empty")
+    assert len(fake_api.requests) == 1
+
+
+def test_reset_says_what_it_did_and_piles_up_no_empty_sessions(path, load, fake_api):
+    mod = load(path)
+    tg = recorder(mod, "telegram")
+    bus = bus_of(mod, telegram=tg)
+    bus.publish(chat(mod, "hello"))
+    wait_for(lambda: tg.replies and not bus.waiting, what="an answer")
+    store, key = bus.store_for("main"), "agent:main:telegram:direct:42"
+    files = len(list(store.listing()))
+    shown = []
+    mod.print = shown.append
+    try:
+        for arg in ("nosuch:key", key, f"{key} {key}"):
+            mod.reset_sessions(SimpleNamespace(bus=bus), arg)
+    finally:
+        del mod.print
+    assert shown == ["nosuch:key: no such session (/sessions, /lanes); nothing reset",
+                     f"{key}: generation 1; 0 waiting jobs cancelled; a fresh session started",
+                     f"{key}: generation 2; 0 waiting jobs cancelled; its session was empty: kept"]
+    assert "nosuch:key" not in bus.lanes.generations
+    assert len(list(store.listing())) == files + 1
+
+
+def test_lanes_counts_only_the_jobs_behind_the_first(path, load):
+    mod = load(path)
+    lanes, release = mod.CommandQueue({"main": 1}), threading.Event()
+    lanes.add(mod.Job("main", "a", lambda job: release.wait(5)))
+    lanes.add(mod.Job("main", "b", lambda job: None))
+    lanes.add(mod.Job("main", "b", lambda job: None))
+    try:
+        assert lanes.snapshot()[1] == [("a", 0, True, 0), ("b", 0, False, 1)]
+    finally:
+        release.set()
+
+
+def test_queue_modes_may_have_spaces(path, load):
+    mod = load(path, QUEUE_MODES=" telegram = collect , feishu=followup ")
+    assert mod.QUEUE_MODES == {"telegram": "collect", "feishu": "followup"}
+    mod.check_queue_modes()

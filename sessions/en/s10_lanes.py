@@ -3,12 +3,13 @@
 
 Every turn is a job on a named lane (main, cron, heartbeat, subagent), each FIFO with its own
 limit, behind a lane per session: one session never runs two turns at once. A turn past
-TURN_TIMEOUT stops at a safe point; a reply that still comes is sent, marked late. /reset and
-/new answer waiting work as cancelled. spawn_subagent runs child turns side by side.
+TURN_TIMEOUT stops at a safe point and its approvals are withdrawn; a reply that still comes is
+sent, marked late. /reset and /new answer waiting work as cancelled. spawn_subagent runs child
+turns side by side.
 
 New here:
   [s10] Lanes: named queues, a lane per session, futures with timeouts — check_queue_modes,
-      Job, CommandQueue, answered_to, told_to_stop, current_stop
+      Job, CommandQueue, answered_to, told_to_stop, stopped, current_stop
   [s10] Subagents: a child turn on its own lane — ChildOutput, start_subagent, child_turn,
       wait_subagent, spawn_subagent, start_subagents
   [s10] Commands: lanes, concurrency, reset — show_lanes, set_concurrency, reset_sessions
@@ -17,9 +18,9 @@ Changed here:
   agent_turn, run_tool_calls, scheduled_turn — a stop flag checked at safe points; spawn
       calls of one reply start together
   Channel, GatewayChannel — timed_out(): the caller hears at once; a late reply follows
+  ApprovalQueue, ChatReply — a turn told to stop withdraws its approval requests
   HeartbeatRunner, CronService — no lock, no flags: the lanes say what is busy
   main — QUEUE_MODES is checked at start
-  run_command — a command that fails is a line; the REPL goes on
 Carried from earlier:
   [s01] Configuration · Errors, by type · The agent loop · The REPL: one table of commands
   [s02] Tools: where they may reach · Tools: the handlers · Exec approvals
@@ -298,9 +299,7 @@ def agent_turn(client: anthropic.Anthropic, session: Session, user_text: str,
             compacted_once = True
             if compact_and_retry(session, guard, consistent, user_text, words_pending, out):
                 continue
-        if reason == "tool_use":
-            if told_to_stop(stop, messages, consistent, out):  # s10: its tools do not run
-                return None
+        if reason == "tool_use":  # s10: once told to stop, its tools are answered "not run"
             results, interrupted = run_tool_calls(message.content, out,
                                                   agent.tools if agent else None, stop)
             # The call and its results join the history together: it is whole again.
@@ -1893,8 +1892,8 @@ class Channel:
 
     def timed_out(self, message: InboundMessage) -> None:
         """s10: the turn ran past TURN_TIMEOUT and was told to stop; what it still says
-        follows, marked late."""
-        self.send(message, TIMEOUT_REPLY)
+        follows, marked late. Through the delivery queue (s08), in order with the rest."""
+        self.deliver(message, TIMEOUT_REPLY)
 
     def stop(self) -> None:
         pass
@@ -2416,9 +2415,10 @@ class ApprovalQueue:
 
     def wait_for_operator(self, command: str, reply: ChatReply) -> str:
         """Block the asking worker until an answer: "once", "always", "deny" or "timeout"."""
+        stop = current_stop()  # s10: a turn told to stop withdraws its request
         with self.lock:
             request = {"id": str(next(self.numbers)), "command": command,
-                       "who": reply.key, "asked": time.time(),
+                       "who": reply.key, "asked": time.time(), "stop": stop,
                        "answer": "deny", "answered": threading.Event()}
             self.waiting[request["id"]] = request
         rid, shown = request["id"], printable(command)
@@ -2427,9 +2427,15 @@ class ApprovalQueue:
                             f"denied in {APPROVAL_TIMEOUT:g} s without an answer")
         reply.channel.deliver(reply.message,
                               f"Waiting for the operator to approve this command: {command}")
-        answered = request["answered"].wait(APPROVAL_TIMEOUT)
+        deadline = time.monotonic() + APPROVAL_TIMEOUT
+        while not (answered := request["answered"].wait(0.1 if stop else APPROVAL_TIMEOUT)):
+            if stop is None or stop.is_set() or time.monotonic() >= deadline:  # s10
+                break
         with self.lock:
             self.waiting.pop(rid, None)
+        if stop is not None and stop.is_set():  # s10: withdrawn, whatever the answer was
+            print_in_background(f"[approval {rid}] withdrawn: the turn was told to stop")
+            return "stopped"
         if answered:
             return request["answer"]
         print_in_background(f"[approval {rid}] no answer in {APPROVAL_TIMEOUT:g} s: denied")
@@ -2440,7 +2446,10 @@ class ApprovalQueue:
 
     def resolve(self, request_id: str, answer: str) -> dict | None:
         with self.lock:
-            request = self.waiting.pop(request_id, None)
+            request = self.waiting.get(request_id)
+            if request is None or stopped(request):  # s10: withdrawn, never approved
+                return None
+            self.waiting.pop(request_id)
         if request:
             request["answer"] = answer
             request["answered"].set()
@@ -2448,7 +2457,7 @@ class ApprovalQueue:
 
     def pending(self) -> list:
         with self.lock:
-            return list(self.waiting.values())
+            return [r for r in self.waiting.values() if not stopped(r)]  # s10
 
 
 class ChatReply:
@@ -2483,6 +2492,8 @@ class ChatReply:
         elif answer == "timeout":
             raise ToolError(f"nobody approved this command within {APPROVAL_TIMEOUT:g} s, "
                             "so it did not run. Do not retry it now.")
+        elif answer == "stopped":  # s10
+            raise ToolError("not run: the turn was told to stop")
 
     def text(self) -> str:
         return "".join(self.parts).strip()
@@ -2544,7 +2555,7 @@ class MessageBus:
         if not allowed:
             return self.refuse(message, self.channels[message.channel])
         if message.text.strip() == "/new":  # s10: a new generation of the session
-            self.reset(key, "/new started a new conversation", stop=False)
+            self.reset(key, "/new started a new conversation", stop=False, asker=message)
         collect = QUEUE_MODES.get(message.channel) == "collect" and not message.text.startswith("/")
         with self.lock:
             if not self.waiting.get(key):
@@ -2592,15 +2603,20 @@ class MessageBus:
             except Exception:
                 pass  # (a channel no longer there...): the line above says it all
 
-    def reset(self, key: str, why: str, stop: bool = True) -> int:
+    def reset(self, key: str, why: str, stop: bool = True,
+              asker: InboundMessage | None = None) -> int:
         """s10: a new generation of session `key`: its waiting jobs are answered as cancelled
-        (a gateway client waits for every answer); `stop`: its running turn is told to stop."""
+        (a chat once, a gateway client per request; the chat that sent /new, `asker`, hears
+        "Started a new conversation." instead); `stop`: its running turn is told to stop."""
         dropped = self.lanes.reset(key, stop)
+        told = {(asker.channel, asker.account, asker.peer)} if asker else set()
         for job in dropped:
             for message in job.messages:
                 self.finish(message)  # s08: dropped, never to be answered: its file goes
-                if message.channel == "webchat":  # a gateway client waits for every answer
-                    self.channels["webchat"].deliver_reply(message, f"(not answered: {why})")
+                chat = message.channel, message.account, message.peer  # a chat: told once
+                if message.channel == "webchat" or chat not in told:  # a client: every request
+                    told.add(chat)
+                    self.send_quietly(message, f"(not answered: {why})")  # s08: queued
         return len(dropped)
 
     def wait_until_idle(self, timeout: float) -> bool:
@@ -5866,8 +5882,9 @@ TURN_TIMEOUT = number_setting("TURN_TIMEOUT", 600.0, 0.1)  # seconds before a tu
 COLLECT_DEBOUNCE = number_setting("COLLECT_DEBOUNCE", 1.5, 0.0, 60)  # quiet seconds before collect
 MAX_COLLECTED = 20  # messages one collected turn takes; the next one starts a turn of its own
 MAX_WAITING_JOBS = 100  # jobs waiting on all lanes; past it every new message is told "busy"
-QUEUE_MODES = dict(part.strip().partition("=")[::2] for part in  # channel -> followup | collect
-                   (os.getenv("QUEUE_MODES") or "").split(",") if part.strip())
+QUEUE_MODES = {channel.strip(): mode.strip() for channel, _, mode in  # -> followup | collect
+               (part.partition("=") for part in (os.getenv("QUEUE_MODES") or "").split(","))
+               if channel.strip() or mode.strip()}
 TIMEOUT_REPLY = (f"(no answer within {TURN_TIMEOUT:g} s: I asked that turn to stop; "
                  "if it still answers, the answer follows, marked late)")
 STOPPED = "(stopped at a safe point: the turn ran out of time or its session was reset)"
@@ -6067,8 +6084,7 @@ class CommandQueue:
                 for job in line:
                     lanes[job.lane][1] += not job.started
                 first = line[0]
-                busy.append((key, self.generations.get(key, 0), first.started,
-                             len(line) - first.started))
+                busy.append((key, self.generations.get(key, 0), first.started, len(line) - 1))
         return lanes, busy
 
 
@@ -6079,13 +6095,18 @@ def answered_to(message: InboundMessage) -> tuple:
 
 def told_to_stop(stop: threading.Event | None, messages: list, consistent: list,
                  out: TerminalOutput) -> bool:
-    """s10: a turn told to stop goes back to its last consistent point: whole tool exchanges
-    stay, a model reply whose tools have not run goes."""
+    """s10: a turn told to stop goes back to its last consistent point (whole tool exchanges
+    stay) and says STOPPED, the one line its history does not keep."""
     if stop is None or not stop.is_set():
         return False
     messages[:] = consistent
     out.say(STOPPED)
     return True
+
+
+def stopped(request: dict) -> bool:
+    """s10: an approval request whose turn was told to stop: withdrawn, never approved."""
+    return request["stop"] is not None and request["stop"].is_set()
 
 
 def current_stop() -> threading.Event | None:
@@ -6205,6 +6226,8 @@ def start_subagents(content: list, out, allowed: list | None,
     children run side by side; the tool loop then collects each answer in order, all by one
     deadline. -> {tool_use id: collect(why="")}; collect("why") stops the child instead."""
     started, deadline = {}, time.monotonic() + SUBAGENT_TIMEOUT
+    if stop is not None and stop.is_set():  # told to stop already: none starts
+        return started
     for block in content:
         if block.type != "tool_use" or block.name != "spawn_subagent" or \
                 (allowed is not None and block.name not in allowed):
@@ -6254,18 +6277,23 @@ def set_concurrency(repl: Repl, arg: str) -> None:
 
 def reset_sessions(repl: Repl, arg: str) -> None:
     """/reset KEY: a new generation (and a fresh session) for one session; /reset: every
-    session that has work on a lane. Waiting work is answered as cancelled."""
-    keys = arg.split() or list(repl.bus.waiting)
+    session that has work on a lane. Waiting work is answered as cancelled. Generations live
+    in memory: after a restart every session is at generation 0 again."""
+    keys = dict.fromkeys(arg.split() or list(repl.bus.waiting))  # /reset K K: once
     for key in keys:
+        stores = [store for store in map(repl.bus.store_for, repl.bus.router.agents)
+                  if key in store.index["keys"]]
+        if key not in repl.bus.waiting and not stores:
+            print(f"{printable(key)}: no such session (/sessions, /lanes); nothing reset")
+            continue
         dropped = repl.bus.reset(key, "the operator reset this conversation")
-        for agent_id in repl.bus.router.agents:
-            store = repl.bus.store_for(agent_id)
-            if key in store.index["keys"]:
-                store.for_key(key, fresh=True)  # a late reply stays in the old session
+        fresh = [store.for_key(key, fresh=True)  # a late reply stays in the old session
+                 for store in stores if store.for_key(key).messages]  # an empty one stays
         running = "; its running turn stops at its next safe point" \
             if key in repl.bus.waiting else ""
         print(f"{printable(key)}: generation {repl.bus.lanes.generations[key]}; "
-              f"{plural(dropped, 'waiting job')} cancelled{running}")
+              f"{plural(dropped, 'waiting job')} cancelled{running}; "
+              f"{'a fresh session started' if fresh else 'its session was empty: kept'}")
     if not keys:
         print("Nothing is on a lane: nothing to reset.")
 
@@ -6344,7 +6372,7 @@ def run_command(repl: Repl, line: str) -> None:
     handler = COMMANDS[name][0]
     try:
         handler(repl, arg.strip())
-    except Exception as exc:  # s10: a command's bug is a line; the gateway and its turns go on
+    except Exception as exc:  # a command's bug is one line; the REPL (and its gateway) goes on
         print(f"{name} failed: {type(exc).__name__}: {printable(str(exc))}")
 
 
