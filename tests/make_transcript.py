@@ -2,9 +2,10 @@
 
 Usage: python tests/make_transcript.py s01              print it
        python tests/make_transcript.py s01 --write      put it into the lesson's Try it blocks
-       python tests/make_transcript.py --all --in-place
-             play every lesson in this repository's own workspace/ and state folder, exactly
-             as a learner would (used by tests/test_learner_path.py on a copy of the repository)
+       python tests/make_transcript.py --all --in-place     (or: s02 s05 --in-place)
+             play every lesson (or those named) in this repository's own workspace/ and state
+             folder, in order, exactly as a learner would (tests/test_learner_path.py does it on a
+             copy of the repository)
 
 A script (tests/transcripts.py) lists runs of the section; each run is a list of steps:
 a string is typed at the section's prompt; a callable gets what the section printed so far
@@ -307,9 +308,11 @@ def write_into_lesson(section: str, blocks: list[str]) -> Path:
 
 
 if __name__ == "__main__":
-    if "--all" in sys.argv:
+    chosen = [word for word in sys.argv[1:] if re.fullmatch(r"s\d\d", word)]
+    if "--all" in sys.argv or "--in-place" in sys.argv:  # play them in order (s01 ... or chosen)
         for path in section_files():
-            make_transcript(path.name[:3], in_place="--in-place" in sys.argv)
+            if "--all" in sys.argv or path.name[:3] in chosen:
+                make_transcript(path.name[:3], in_place="--in-place" in sys.argv)
         sys.exit(0)
     made = make_transcript(sys.argv[1])
     if "--write" in sys.argv:

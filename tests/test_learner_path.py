@@ -93,7 +93,7 @@ def test_every_section_reads_what_any_other_wrote(tmp_path, fake_api):
 
 
 def test_the_tests_pass_after_the_learner_played_every_lesson(tmp_path):
-    """Copy the repository, play every lesson's Try it in its own workspace/ and state folder
+    """Copy the repository, play the lessons' Try its in its own workspace/ and state folder
     (as a learner would, no WORKSPACE_DIR or STATE_DIR set), then run tests that read the
     workspace in that copy: they must not see what the lessons left behind."""
     copy = tmp_path / "repo"
@@ -103,8 +103,12 @@ def test_the_tests_pass_after_the_learner_played_every_lesson(tmp_path):
             shutil.copytree(source, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, copy / part)
+    # The lessons whose Try it leaves files behind in workspace/ or the state folder a test
+    # could trip on (drafts, gateway.json, memory notes, CRON.json and HEARTBEAT.md, and the
+    # newest); every Try it is replayed on its own by tests/test_lessons.py.
+    leave_files = ["s02", "s05", "s06", "s07", section_files()[-1].name[:3]]
     play = subprocess.run(
-        [sys.executable, str(copy / "tests" / "make_transcript.py"), "--all", "--in-place"],
+        [sys.executable, str(copy / "tests" / "make_transcript.py"), *leave_files, "--in-place"],
         cwd=copy,
         capture_output=True,
         text=True,
