@@ -535,7 +535,7 @@ def fan_out(mod, fake_api, n: int, gate: threading.Event, write: bool = False):
 
 def test_a_parent_told_to_stop_stops_its_children_and_a_reply_spawns_at_most_eight(
         path, load, fake_api):
-    mod = load(path, TURN_TIMEOUT="0.3", SUBAGENT_TIMEOUT="3")
+    mod = load(path, TURN_TIMEOUT="1.5", SUBAGENT_TIMEOUT="3")
     tg = recorder(mod, "telegram")
     bus = bus_of(mod, telegram=tg)
     bus.lanes.set_limit("subagent", 2)
