@@ -198,14 +198,14 @@ def test_reset_answers_every_waiting_request_and_the_running_turn_stops(path, lo
 
 
 def test_a_timed_out_turn_is_told_at_once_and_its_late_reply_still_comes(path, load, fake_api):
-    mod = load(path, TURN_TIMEOUT="0.2")
+    mod = load(path, TURN_TIMEOUT="1.0")
     tg = recorder(mod, "telegram")
     bus = bus_of(mod, telegram=tg)
     gate = threading.Event()
     fake_api.script(reply("Here is the list, at last.", gate=gate))
     bus.publish(chat(mod, "what is in my workspace?"))
     wait_for(lambda: tg.sent, what="the timeout notice")
-    assert tg.sent[0][1] == mod.TIMEOUT_REPLY and "0.2 s" in mod.TIMEOUT_REPLY
+    assert tg.sent[0][1] == mod.TIMEOUT_REPLY and "1 s" in mod.TIMEOUT_REPLY
     gate.set()
     wait_for(lambda: tg.replies, what="the late reply")
     assert tg.replies[0][1] == "(late reply) Here is the list, at last."
@@ -383,7 +383,7 @@ def test_a_gateway_client_gets_its_answer_on_time_and_the_late_reply_as_a_notice
         path, load, fake_api, monkeypatch, capsys):
     from test_s05_gateway_routing import with_gateway
 
-    mod = load(path, TURN_TIMEOUT="0.3")
+    mod = load(path, TURN_TIMEOUT="1.0")
     gate = threading.Event()
     fake_api.script(reply("Slow, but here.", gate=gate))
 
@@ -671,7 +671,7 @@ def test_the_lesson_gives_each_lane_its_real_limit(path, load):
 
 
 def test_the_timeout_notice_goes_through_the_delivery_queue(path, load, fake_api):
-    mod = load(path, TURN_TIMEOUT="0.2")
+    mod = load(path, TURN_TIMEOUT="1.0")
     tg, queued = recorder(mod, "telegram"), []
     tg.delivery = SimpleNamespace(enqueue=lambda message, text: queued.append(text))  # s08
     bus = bus_of(mod, telegram=tg)
