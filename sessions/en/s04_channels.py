@@ -2564,7 +2564,7 @@ class Repl:
 
 def show_help(repl: Repl, arg: str) -> None:
     usage = {name: f"{name} {args}".strip() for name, (_, args, _) in COMMANDS.items()}
-    width = max(len("quit, exit"), *map(len, usage.values()))  # the table's, as it grows
+    width = min(max(len("quit, exit"), *map(len, usage.values())), 24)  # a longer one overruns
     print("Commands:")
     for name, (_, _, text) in COMMANDS.items():
         print(f"  {usage[name]:<{width}}  {text}")
