@@ -3641,9 +3641,9 @@ def is_prompt_file(raw: str) -> bool:
         parts = [part.casefold() for part in safe_path(raw).relative_to(WORKSPACE_DIR).parts]
     except ToolError:
         return False  # the tool refuses the path itself
+    names = {file.casefold() for _, file in LAYER_FILES if file} | {"heartbeat.md", "cron.json"}
     return (len(parts) > 1 and parts[0] in ("agents", "skills")) or (
-        len(parts) == 1 and parts[0] in {file.casefold() for _, file in LAYER_FILES if file}) or (
-        parts in (["heartbeat.md"], ["cron.json"]))
+        len(parts) == 1 and parts[0] in names)
 
 
 def tools_guide(text: str, tools: list[str]) -> str:
