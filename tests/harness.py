@@ -119,6 +119,11 @@ def isolated_env(workspace: Path, base_url: str | None, **extra: str) -> dict[st
     return env
 
 
+def telegram_env(tg, **extra: str) -> dict[str, str]:
+    """The variables that point a section at a fake Telegram (tests/fake_telegram.py)."""
+    return {"TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_API_BASE": tg.api_base, **extra}
+
+
 def state_of(workspace: Path) -> Path:
     """The state folder the tests give a workspace: beside it, never inside it."""
     return workspace.parent / "state"

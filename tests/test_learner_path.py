@@ -18,6 +18,7 @@ from harness import (
     run_section,
     section_files,
     section_id,
+    telegram_env,
 )
 
 SECTIONS = section_files()
@@ -38,13 +39,7 @@ def test_every_section_reads_what_any_other_wrote(tmp_path, fake_api):
     run has a terminal turn, a Telegram message (from s04 on) and every listing command."""
     workspace = copy_workspace(tmp_path / "workspace")
     tg = FakeTelegram().start()
-    env = isolated_env(
-        workspace,
-        fake_api.base_url,
-        TELEGRAM_BOT_TOKEN=tg.token,
-        TELEGRAM_API_BASE=tg.api_base,
-        TELEGRAM_ALLOW_FROM="42",
-    )
+    env = isolated_env(workspace, fake_api.base_url, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
     answered = threading.Event()
 
     def gated_echo(body):

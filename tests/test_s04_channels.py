@@ -26,11 +26,12 @@ from harness import (
     assert_valid_history,
     drive_repl,
     isolated_env,
+    main_store,
     section_id,
     sections_from,
-    wait_for,
-    main_store,
     state_of,
+    telegram_env,
+    wait_for,
     whole_process_only,
 )
 
@@ -55,10 +56,6 @@ def fs():
     fake = FakeFeishu().start()
     yield fake
     fake.stop()
-
-
-def telegram_env(tg, **extra):
-    return {"TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_API_BASE": tg.api_base, **extra}
 
 
 def free_port() -> int:

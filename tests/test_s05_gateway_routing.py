@@ -29,8 +29,9 @@ from harness import (
     section_files,
     section_id,
     sections_from,
-    wait_for,
     state_of,
+    telegram_env,
+    wait_for,
 )
 
 SECTIONS = sections_from("s05")
@@ -566,12 +567,7 @@ def test_identity_links_merge_one_persons_chats_into_one_session(
     write_config(workspace, identity_links={"ada": ["telegram:42", "webchat:ada-laptop"]})
     tg = FakeTelegram().start()
     try:
-        mod = load(
-            path,
-            TELEGRAM_BOT_TOKEN=tg.token,
-            TELEGRAM_API_BASE=tg.api_base,
-            TELEGRAM_ALLOW_FROM="42",
-        )
+        mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
 
         def body(gw):
             tg.push(tg.private_message("I am Ada", user_id=42))
@@ -726,12 +722,7 @@ def test_telegram_messages_route_through_the_binding_table(
     )
     tg = FakeTelegram().start()
     try:
-        mod = load(
-            path,
-            TELEGRAM_BOT_TOKEN=tg.token,
-            TELEGRAM_API_BASE=tg.api_base,
-            TELEGRAM_ALLOW_FROM="42,43",
-        )
+        mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42,43"))
 
         def chat():
             tg.push(tg.private_message("to support", user_id=42))

@@ -22,6 +22,7 @@ from harness import (
     section_id,
     sections_from,
     state_of,
+    telegram_env,
     whole_process_only,
 )
 
@@ -418,12 +419,7 @@ def test_a_skills_body_is_in_the_prompt_only_in_the_turn_that_uses_it(
 def test_a_skill_works_from_a_telegram_chat(path, load, fake_api, monkeypatch, capsys):
     tg = FakeTelegram().start()
     try:
-        mod = load(
-            path,
-            TELEGRAM_BOT_TOKEN=tg.token,
-            TELEGRAM_API_BASE=tg.api_base,
-            TELEGRAM_ALLOW_FROM="42",
-        )
+        mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
 
         def chat():
             tg.push(tg.private_message("/example-skill shipped the parser", user_id=42))
@@ -885,8 +881,7 @@ def test_small_things_names_front_matter_and_new_from_a_chat(
           "---\nname: new\ndescription: Named like a command.\n---\n")
     tg = FakeTelegram().start()
     try:
-        mod = load(path, TELEGRAM_BOT_TOKEN=tg.token, TELEGRAM_API_BASE=tg.api_base,
-                   TELEGRAM_ALLOW_FROM="42")
+        mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
 
         def chat():
             tg.push(tg.private_message("/new and start over", user_id=42))

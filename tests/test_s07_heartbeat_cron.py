@@ -20,6 +20,7 @@ from harness import (
     section_id,
     sections_from,
     state_of,
+    telegram_env,
     wait_for,
     whole_process_only,
 )
@@ -517,12 +518,7 @@ def test_cron_add_from_a_telegram_chat_reminds_that_chat(
     tg = FakeTelegram().start()
     clock = Clock(at("2026-01-05T09:00:00+00:00"))
     try:
-        mod = load(
-            path,
-            TELEGRAM_BOT_TOKEN=tg.token,
-            TELEGRAM_API_BASE=tg.api_base,
-            TELEGRAM_ALLOW_FROM="42",
-        )
+        mod = load(path, **telegram_env(tg, TELEGRAM_ALLOW_FROM="42"))
         monkeypatch.setattr(mod, "utc_now", clock)  # the tool's "now", and the timer's
         monkeypatch.setattr(mod, "TICK_SECONDS", 0.01)
         ask = {"kind": "at", "in_seconds": 1200, "message": "Time to call Ada."}

@@ -20,6 +20,7 @@ from harness import (
     section_id,
     sections_from,
     state_of,
+    telegram_env,
     wait_for,
 )
 
@@ -102,10 +103,6 @@ def queue_of(mod, chat=None, clock=None, folder=None):
     delivery.load()
     chat.folder = delivery.folder
     return delivery, chat
-
-
-def telegram_env(tg, **extra):
-    return {"TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_API_BASE": tg.api_base, **extra}
 
 
 def texts(sent) -> list[str]:
