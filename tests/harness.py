@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from itertools import count
 from pathlib import Path
 
@@ -117,6 +118,22 @@ def isolated_env(workspace: Path, base_url: str | None, **extra: str) -> dict[st
         {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
     )
     return env
+
+
+class Clock:
+    """A clock that stands still until the test moves it: `clock.now` is a datetime or a number
+    of seconds, `clock()` reads it, and advance(minutes=5) moves either kind."""
+
+    def __init__(self, start):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, **delta):
+        step = timedelta(**delta)
+        self.now += step if isinstance(self.now, datetime) else step.total_seconds()
+        return self.now
 
 
 def telegram_env(tg, **extra: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ import pytest
 from fake_anthropic import last_user_text, reply, tool_use
 from fake_telegram import FakeTelegram
 from harness import (
+    Clock,
     assert_valid_history,
     drive_repl,
     main_store,
@@ -46,19 +47,6 @@ def machine_zone(monkeypatch):
     monkeypatch.undo()
     time.tzset()
 
-
-class Clock:
-    """A stepped clock: the time stands still until the test moves it."""
-
-    def __init__(self, start: datetime):
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta) -> datetime:
-        self.now += timedelta(**delta)
-        return self.now
 
 
 def at(text: str) -> datetime:

@@ -14,6 +14,7 @@ import pytest
 from fake_feishu import message_event
 from fake_telegram import FakeTelegram
 from harness import (
+    Clock,
     REPO,
     Screen,
     drive_repl,
@@ -34,15 +35,6 @@ SECTIONS = sections_from("s08")
 def path(request):
     return request.param
 
-
-class Clock:
-    """Wall time that stands still until the test moves it."""
-
-    def __init__(self):
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Chat:
@@ -99,7 +91,8 @@ def to(mod, peer: str = "42", channel: str = "telegram"):
 
 def queue_of(mod, chat=None, clock=None, folder=None):
     chat = chat or Chat()
-    delivery = mod.Delivery({"telegram": chat}, folder or mod.DELIVERY_DIR, clock or Clock())
+    clock = clock or Clock(1_000_000.0)
+    delivery = mod.Delivery({"telegram": chat}, folder or mod.DELIVERY_DIR, clock)
     delivery.load()
     chat.folder = delivery.folder
     return delivery, chat
@@ -126,7 +119,7 @@ def test_a_reply_is_on_disk_before_it_is_sent_and_stays_when_the_send_fails(path
 
 def test_a_retry_resumes_at_the_next_unsent_chunk(path, load):
     mod = load(path)
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     delivery, chat = queue_of(mod, Chat(max_text=12), clock)
     chat.errors = [None, mod.ChannelError("timed out")]  # the first chunk goes, the second fails
     text = "one two three four five six"
@@ -144,7 +137,7 @@ def test_a_retry_resumes_at_the_next_unsent_chunk(path, load):
 
 def test_one_chats_failing_reply_holds_only_that_chats_later_replies(path, load):
     mod = load(path)
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     delivery, chat = queue_of(mod, clock=clock)
     chat.errors = [mod.ChannelError("502 Bad Gateway")]
     delivery.enqueue(to(mod, "1"), "a1")
@@ -165,7 +158,7 @@ def test_backoff_grows_to_ten_minutes_then_the_entry_moves_to_failed_after_a_tim
     path, load, monkeypatch
 ):
     mod = load(path)
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     delivery, chat = queue_of(mod, clock=clock)
     monkeypatch.setattr(mod, "GIVE_UP_AFTER", 3600)  # the rule, without 150 rounds of a day
     chat.errors = [mod.ChannelError("down")] * 1000
@@ -214,7 +207,7 @@ def test_telegram_errors_are_classified_by_type(path, load, tg):
     channel.start(lambda message: None)
     try:
         wait_for(lambda: channel.state == "on", what="Telegram on")
-        clock = Clock()
+        clock = Clock(1_000_000.0)
         delivery, _ = queue_of(mod, channel, clock)
         delivery.start()
         cases = [
@@ -468,7 +461,7 @@ def test_each_feishu_chunk_carries_its_own_uuid(path, load):
     bodies = []
     channel.post = lambda path, body, **kwargs: bodies.append(body) or {"code": 0}
     channel.max_text = 12
-    delivery = mod.Delivery({"feishu": channel}, mod.DELIVERY_DIR, Clock())
+    delivery = mod.Delivery({"feishu": channel}, mod.DELIVERY_DIR, Clock(1_000_000.0))
     delivery.load()
     key = json.loads(
         (
@@ -508,7 +501,7 @@ def test_a_huge_retry_after_neither_kills_the_worker_nor_waits_forever(path, loa
     assert mod.retry_delay("1", 1, 1e300) == mod.MAX_RETRY_AFTER  # Telegram's, Feishu's header
     assert 4 <= mod.retry_delay("1", 1, float("nan")) <= 6 and mod.retry_delay("1", 1, -9) <= 6
     entry_file(mod, "00000001", next_attempt=9e11)  # an entry file that waits 30,000 years
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     delivery, chat = queue_of(mod, clock=clock)
     assert delivery.pending()[0]["next_attempt"] <= clock.now + mod.MAX_RETRY_AFTER
     chat.errors = [mod.ChannelError("429", retry_after=1e300)]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fake_anthropic import FakeAnthropic, error, reply, tool_use
-from harness import assert_valid_history, main_store, section_id, sections_from, state_of
+from harness import Clock, assert_valid_history, main_store, section_id, sections_from, state_of
 
 SECTIONS = sections_from("s09")
 MODEL = "claude-sonnet-5-5"
@@ -27,13 +27,6 @@ def second_api():
     api.stop()
 
 
-class Clock:
-    def __init__(self, now: float | None = None):
-        self.now = float(int(time.time())) if now is None else now  # a file is checked at load
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture
 def onion(path, load, monkeypatch, second_api):
@@ -48,7 +41,7 @@ def onion(path, load, monkeypatch, second_api):
         if profiles > 1:
             extra.update(ANTHROPIC_API_KEY_2="key-2", ANTHROPIC_BASE_URL_2=second_api.base_url)
         mod = load(path, **extra)
-        client, clock, slept = mod.make_client(), Clock(), []
+        client, clock, slept = mod.make_client(), Clock(float(int(time.time()))), []
         client.clock, client.sleep = clock, slept.append
         return mod, client, main_store(mod).create(), clock, slept
 
